@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, recall grid, capacity, decode memory and speed."""

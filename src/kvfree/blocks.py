@@ -1,0 +1,134 @@
+"""Building blocks shared by models: norms, MLPs, a stateful causal depthwise conv, and the
+pre-norm residual block ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvfree.utils import unknown_keys_error
+
+
+def build_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
+    if kind == "rms":
+        return nn.RMSNorm(d, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(d, eps=eps)
+    raise unknown_keys_error("norm", [kind], ["rms", "layer"])
+
+
+def ffn_width(d_model: int, ratio: float, multiple: int = 64) -> int:
+    """Hidden width ``ceil(d·ratio / multiple)·multiple`` (SwiGLU 8/3 convention)."""
+    return int(-(-int(round(d_model * ratio)) // multiple) * multiple)
+
+
+class SwiGLU(nn.Module):
+    """``W_down(SiLU(W_gate x) ⊙ W_up x)``, no biases (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    """``W_2 GELU(W_1 x + b_1) + b_2`` (the classic Transformer MLP)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+_MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
+def register_mlp(name: str, cls) -> None:
+    """Make an MLP class (``cls(d_model, d_ff)``) available to :func:`build_mlp`."""
+    _MLPS[name] = cls
+
+
+def build_mlp(kind: str, d_model: int, d_ff: int) -> nn.Module | None:
+    if kind == "none":
+        return None
+    if kind not in _MLPS:
+        raise unknown_keys_error("mlp", [kind], [*_MLPS, "none"])
+    return _MLPS[kind](d_model, d_ff)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time with a carried buffer of the last ``k-1`` inputs.
+
+    ``forward(x [B,T,C], buf [B,k-1,C]) -> (y [B,T,C], buf')``; ``step(x_t [B,C], buf)``.
+    Output at t is ``bias + Σ_{i<k} w[:, i]·x_{t-k+1+i}`` (zero history before the start).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = True,
+                 activation: str | None = "silu"):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        self.channels, self.kernel_size = channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.activation = activation
+        nn.init.uniform_(self.weight, -kernel_size**-0.5, kernel_size**-0.5)
+
+    def init_buffer(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return F.silu(y) if self.activation == "silu" else y
+
+    def forward(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = x.shape[1]
+        xx = torch.cat([buf.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
+        y = F.conv1d(xx.transpose(1, 2), self.weight.unsqueeze(1), self.bias,
+                     groups=self.channels)
+        new_buf = xx[:, xx.shape[1] - (self.kernel_size - 1):]
+        return self._act(y.transpose(1, 2)[:, :T]), new_buf
+
+    def step(self, x_t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.cat([buf.to(x_t.dtype), x_t.unsqueeze(1)], dim=1)  # [B, k, C]
+        y = torch.einsum("bkc,ck->bc", window, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return self._act(y), window[:, 1:]
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual block: ``x += mixer(norm1(x))``; ``x += mlp(norm2(x))``."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, mlp: nn.Module | None, norm: str = "rms"):
+        super().__init__()
+        self.norm1 = build_norm(norm, d_model)
+        self.mixer = mixer
+        self.norm2 = build_norm(norm, d_model) if mlp is not None else None
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, state: Any = None, mask=None):
+        h, state = self.mixer(self.norm1(x), state, mask)
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
+
+    def step(self, x_t: torch.Tensor, state: Any, mask=None):
+        h, state = self.mixer.step(self.norm1(x_t), state, mask)
+        x_t = x_t + h
+        if self.mlp is not None:
+            x_t = x_t + self.mlp(self.norm2(x_t))
+        return x_t, state
+
+    def init_state(self, batch: int, *, device=None, dtype=None):
+        return self.mixer.init_state(batch, device=device, dtype=dtype)

@@ -1,0 +1,26 @@
+"""``kvfree bench kernels``."""
+
+from __future__ import annotations
+
+import typer
+
+from kvfree.cli import bench_app
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    out: str = typer.Option("runs/bench-kernels", help="Output folder (JSON + markdown)."),
+    mixer: list[str] = typer.Option(None, help="Mixer(s) to time (repeatable); default: all."),
+    lengths: str = typer.Option("256,1024,4096", help="Comma-separated sequence lengths."),
+    d_model: int = typer.Option(64, help="Model width."),
+    batch: int = typer.Option(1, help="Batch size."),
+    repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+) -> None:
+    """Time each mixer's parallel (chunked) form against its per-token loop."""
+    from kvfree.bench.kernels import run
+
+    res = run(out, mixer or None, tuple(int(t) for t in lengths.split(",")), d_model, batch,
+              repeats, device)
+    print(res["markdown"])
+    print(f"wrote {out}/kernels.json and {out}/kernels.md")

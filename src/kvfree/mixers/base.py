@@ -1,0 +1,111 @@
+"""The one contract every token mixer implements (DESIGN.md §1).
+
+    y, state   = mixer(x, state=None, mask=None)   # parallel: x [B, T, D] -> y [B, T, D]
+    state      = mixer.init_state(batch, device=..., dtype=...)
+    y_t, state = mixer.step(x_t, state, mask=None)  # recurrent: x_t [B, D]
+
+``forward`` accepts an initial state and returns the state after ``x``, so chunked prefill
+(``mixer(x[:, :a])`` then ``mixer(x[:, a:], state)``) equals ``mixer(x)``. A mixer may update
+state tensors in place: callers that need the old state keep a ``kvfree.clone_state`` copy.
+
+``mask`` ([B, T] or [B], 1 = the token writes to memory) is only accepted by mixers with
+``supports_mask = True`` (SKA's oracle prefix mask); others raise a clear error.
+
+Every mixer documents its state size: ``state_formula()`` (a human-readable formula with the
+numbers filled in) and ``state_size(seq_len)`` (carried elements after ``seq_len`` tokens),
+which the contract tests compare with ``kvfree.state_bytes`` of the real state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Mixer(nn.Module):
+    """Base class for token mixers. Subclasses implement ``_forward``, ``_step``,
+    ``init_state``, ``state_formula`` and ``state_size``."""
+
+    name: ClassVar[str] = ""
+    #: True when the carried state does not grow with the sequence (everything but full attention).
+    fixed_memory: ClassVar[bool] = True
+    #: True when the mixer accepts a write mask (SKA prefix/masked modes).
+    supports_mask: ClassVar[bool] = False
+    #: True when the mixer is a whole residual block (own norms, residuals, MLP), e.g. FDM's layer.
+    is_block: ClassVar[bool] = False
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        if d_model <= 0:
+            raise ValueError(f"d_model must be positive, got {d_model}")
+        self.d_model = d_model
+
+    # ----- public contract ------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, state: Any = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        self._check_input(x, 3)
+        mask = self._check_mask(mask, x.shape[:2])
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        if x.shape[1] == 0:  # empty chunk: nothing to mix, the state is unchanged
+            return x.new_zeros(x.shape), state
+        return self._forward(x, state, mask)
+
+    def step(
+        self, x_t: torch.Tensor, state: Any, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        self._check_input(x_t, 2)
+        mask = self._check_mask(mask, x_t.shape[:1])
+        if state is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs a state: call init_state(batch) or prefill first"
+            )
+        return self._step(x_t, state, mask)
+
+    def init_state(self, batch: int, *, device=None, dtype=None) -> Any:
+        raise NotImplementedError
+
+    def state_formula(self) -> str:
+        """Carried elements per layer as a formula with the numbers filled in."""
+        raise NotImplementedError
+
+    def state_size(self, seq_len: int) -> int:
+        """Carried state elements per layer after ``seq_len`` tokens (analytic count)."""
+        raise NotImplementedError
+
+    # ----- to implement ---------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, state: Any, mask: torch.Tensor | None):
+        raise NotImplementedError
+
+    def _step(self, x_t: torch.Tensor, state: Any, mask: torch.Tensor | None):
+        raise NotImplementedError
+
+    # ----- input checks ---------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, ndim: int) -> None:
+        shape = "[batch, seq, d_model]" if ndim == 3 else "[batch, d_model]"
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape {shape} with d_model={self.d_model}, "
+                f"got {got}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+
+    def _check_mask(self, mask, shape) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not self.supports_mask:
+            raise ValueError(
+                f"{type(self).__name__} does not take a write mask; only mixers with "
+                "supports_mask=True (e.g. SKA in prefix/masked mode) accept one"
+            )
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}"

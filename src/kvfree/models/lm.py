@@ -1,0 +1,165 @@
+"""``LanguageModel``: embeddings → blocks → final norm → tied head, with exact decoding.
+
+    logits, state = model(ids)                 # parallel forward, returns the decode state
+    logits, state = model.prefill(ids)         # same, without gradients
+    logits_t, state = model.step(ids_t, state) # one token for every batch row
+    out = model.generate(ids, max_new_tokens)  # prefill + step (constant memory for fixed mixers)
+
+``forward`` and ``prefill`` + ``step`` compute the same function: decoding that does not
+reproduce the trained forward is a bug (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvfree.blocks import ResidualBlock, build_mlp, build_norm, ffn_width
+from kvfree.mixers import build_mixer, get_mixer_class
+from kvfree.models.config import ModelConfig
+from kvfree.state import State, state_bytes
+
+
+@dataclass
+class ModelState(State):
+    layers: list[Any]
+    pos: int = 0  # tokens seen so far (metadata, not counted in state bytes)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_embed = nn.Embedding(c.max_len, c.d_model) if c.pos_emb == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        blocks = []
+        for i, name in enumerate(c.layers):
+            mixer = build_mixer(name, c.d_model, **c.options_for(i))
+            if get_mixer_class(name).is_block:
+                blocks.append(mixer)
+            else:
+                d_ff = c.d_ff or (4 * c.d_model if c.mlp == "gelu" else ffn_width(c.d_model, 8 / 3))
+                blocks.append(ResidualBlock(mixer, c.d_model, build_mlp(c.mlp, c.d_model, d_ff),
+                                            c.norm))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = build_norm(c.norm, c.d_model) if c.final_norm else nn.Identity()
+        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=c.init_std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=c.init_std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=c.init_std)
+
+    # ----- helpers ---------------------------------------------------------------------------
+    def mixers(self) -> list[nn.Module]:
+        return [b.mixer if isinstance(b, ResidualBlock) else b for b in self.blocks]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _check_ids(self, ids: torch.Tensor, pos: int) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor, got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.config.vocab_size)].flatten()[:5].tolist()
+            raise ValueError(f"token ids out of vocabulary [0, {self.config.vocab_size}): {bad}; "
+                             "check the tokenizer or the model's vocab_size")
+        limit = self.config.max_len
+        length = pos + (ids.shape[1] if ids.dim() == 2 else 1)
+        if limit is not None and length > limit:
+            raise ValueError(f"sequence of {length} tokens exceeds this model's max_len={limit}; "
+                             "shorten the input or build the model with a larger max_len")
+
+    def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.pos_embed is not None:
+            T = ids.shape[1] if ids.dim() == 2 else 1
+            p = self.pos_embed(torch.arange(pos, pos + T, device=ids.device))
+            x = x + (p if ids.dim() == 2 else p[0])
+        return self.drop(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else x @ self.embed.weight.t()
+
+    # ----- contract --------------------------------------------------------------------------
+    def init_state(self, batch: int, *, device=None, dtype=None) -> ModelState:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return ModelState([b.init_state(batch, device=device, dtype=dtype) for b in self.blocks])
+
+    def forward(self, ids: torch.Tensor, state: ModelState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+        """Parallel forward over ``ids`` [B, T] (continuing from ``state`` if given).
+
+        ``mask`` [B, T] is the oracle write mask, passed only to mixers that accept one.
+        """
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(f"ids must have shape [batch, seq], got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids}")
+        pos = state.pos if state is not None else 0
+        self._check_ids(ids, pos)
+        x = self._embed(ids, pos)
+        layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, mixer, s in zip(self.blocks, self.mixers(), layer_states):
+            x, s = block(x, s, mask if mixer.supports_mask else None)
+            new_states.append(s)
+        return self._logits(x), ModelState(new_states, pos + ids.shape[1])
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+        return self.forward(ids, state, mask)
+
+    def step(self, ids_t: torch.Tensor, state: ModelState,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+        """One decode step: ``ids_t`` [B] → logits [B, V]."""
+        if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
+            raise ValueError("step takes one token per batch row: ids_t of shape [batch]")
+        if state is None:
+            state = self.init_state(ids_t.shape[0], device=ids_t.device)
+        self._check_ids(ids_t, state.pos)
+        x = self._embed(ids_t, state.pos)
+        new_states = []
+        for block, mixer, s in zip(self.blocks, self.mixers(), state.layers):
+            x, s = block.step(x, s, mask if mixer.supports_mask else None)
+            new_states.append(s)
+        return self._logits(x), ModelState(new_states, state.pos + 1)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill ``ids`` [B, T] then decode ``max_new_tokens`` with ``step``.
+
+        Greedy when ``temperature == 0``. Returns [B, T + max_new_tokens]. The state used is
+        left in ``self.last_state_bytes``.
+        """
+        logits, state = self.prefill(ids, mask=mask)
+        nxt = logits[:, -1]
+        out = [ids]
+        for i in range(max_new_tokens):
+            tok = sample(nxt, temperature, top_k, generator)
+            out.append(tok.unsqueeze(1))
+            if i + 1 < max_new_tokens:
+                nxt, state = self.step(tok, state)
+        self.last_state_bytes = state_bytes(state)
+        return torch.cat(out, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy (``temperature == 0``) or temperature/top-k sampling of [B, V] logits."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

@@ -1,0 +1,1 @@
+"""Tables (markdown/CSV) and plots (PNG) generated from result files."""

@@ -1,0 +1,67 @@
+"""Decode states: small dataclasses of tensors, and how their size is counted.
+
+A mixer's state is a ``@dataclass`` (conventionally subclassing :class:`State`). Tensor fields
+are carried between steps; plain Python ints/floats/bools (position counters, flags) are
+metadata and are not counted. Nested dataclasses, lists, tuples and dicts are walked.
+A state class may define ``carried_bytes()`` to override the count (the KV cache does this:
+it preallocates capacity but carries only the filled ``2·T·d`` entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class State:
+    """Base class for mixer states (optional; any dataclass of tensors works)."""
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors carried between decode steps (weights excluded)."""
+    if state is None:
+        return 0
+    if hasattr(state, "carried_bytes"):
+        return int(state.carried_bytes())
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return sum(state_bytes(getattr(state, f.name)) for f in dataclasses.fields(state))
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_bytes(s) for s in state.values())
+    return 0
+
+
+def map_tensors(state: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) state, returning a new state."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return dataclasses.replace(
+            state,
+            **{f.name: map_tensors(getattr(state, f.name), fn) for f in dataclasses.fields(state)},
+        )
+    if isinstance(state, list):
+        return [map_tensors(s, fn) for s in state]
+    if isinstance(state, tuple):
+        return tuple(map_tensors(s, fn) for s in state)
+    if isinstance(state, dict):
+        return {k: map_tensors(v, fn) for k, v in state.items()}
+    return state
+
+
+def clone_state(state: Any) -> Any:
+    """Deep copy of a state (tensors cloned), so the original can be reused after ``step``."""
+    return map_tensors(state, lambda t: t.clone())
+
+
+def iter_tensors(state: Any):
+    """Yield every tensor of a (nested) state, in field order."""
+    out: list[torch.Tensor] = []
+    map_tensors(state, lambda t: out.append(t) or t)
+    yield from out

@@ -1,0 +1,5 @@
+"""Training: the Trainer, its config, optimizer groups and schedules."""
+
+from kvfree.train.trainer import Batch, TrainConfig, Trainer, lm_loss
+
+__all__ = ["Batch", "TrainConfig", "Trainer", "lm_loss"]
