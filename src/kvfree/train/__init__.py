@@ -1,5 +1,5 @@
 """Training: the Trainer, its config, optimizer groups and schedules."""
 
-from kvfree.train.trainer import Batch, TrainConfig, Trainer, lm_loss
+from kvfree.train.trainer import Batch, Schedule, TrainConfig, Trainer, lm_loss
 
-__all__ = ["Batch", "TrainConfig", "Trainer", "lm_loss"]
+__all__ = ["Batch", "Schedule", "TrainConfig", "Trainer", "lm_loss"]

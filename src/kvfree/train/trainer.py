@@ -56,22 +56,50 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+class Schedule:
+    """Hook for multi-phase training (e.g. Freeze-Scan). ``on_step`` runs before every step;
+    it may change ``requires_grad`` and then call ``trainer.rebuild_optimizer()``. ``lr_at``
+    may override the learning rate (return None to keep the warm-up + cosine schedule)."""
+
+    def on_step(self, trainer: Trainer) -> None:
+        pass
+
+    def lr_at(self, step: int) -> float | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, config: TrainConfig,
                  batches: Callable[[int], Batch], *, run_dir: str | Path | None = None,
                  eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-                 desc: str = "train"):
+                 schedule: Schedule | None = None, desc: str = "train"):
         self.cfg, self.batches, self.eval_fn, self.desc = config, batches, eval_fn, desc
+        self.schedule = schedule or Schedule()
         self.device = default_device() if config.device == "auto" else torch.device(config.device)
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir) if run_dir else None
-        self.opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                     betas=(config.beta1, config.beta2))
+        self.rebuild_optimizer()
         amp = config.amp if config.amp != "auto" else (
             "bf16" if self.device.type == "cuda" else "none")
         self.autocast = amp == "bf16"
         self.step = 0
         self.history: list[dict] = []
+        self.model.to(self.device)
+
+    def rebuild_optimizer(self) -> None:
+        """(Re)create AdamW over the parameters that currently require gradients, and log the
+        frozen / trainable parameter counts."""
+        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay),
+                                     lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
+        params = list(self.model.parameters())
+        self.trainable = sum(p.numel() for p in params if p.requires_grad)
+        self.frozen = sum(p.numel() for p in params if not p.requires_grad)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -83,8 +111,11 @@ class Trainer:
     def train_step(self, batch: Batch) -> float:
         self.model.train()
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        lr = self.cfg.lr * warmup_cosine(self.step, self.cfg.steps, self.cfg.warmup_steps,
-                                         self.cfg.min_lr_ratio)
+        self.schedule.on_step(self)
+        lr = self.schedule.lr_at(self.step)
+        if lr is None:
+            lr = self.cfg.lr * warmup_cosine(self.step, self.cfg.steps, self.cfg.warmup_steps,
+                                             self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
