@@ -90,7 +90,6 @@ class Trainer:
         self.autocast = amp == "bf16"
         self.step = 0
         self.history: list[dict] = []
-        self.model.to(self.device)
 
     def rebuild_optimizer(self) -> None:
         """(Re)create AdamW over the parameters that currently require gradients, and log the
