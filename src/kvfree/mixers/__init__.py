@@ -20,6 +20,8 @@ _REGISTRY: dict[str, str] = {
     "gated_deltanet": "kvfree.mixers.gated_deltanet:GatedDeltaNet",
     "mesanet": "kvfree.mixers.mesanet:MesaNet",
     "ska": "kvfree.mixers.ska:SKA",
+    "fan": "kvfree.mixers.fan:FanScan",
+    "lgcache": "kvfree.mixers.lgcache:LocalGlobalCache",
     "fdm": "kvfree.mixers.fdm_block:FDMBlock",
 }
 
