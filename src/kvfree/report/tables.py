@@ -62,3 +62,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def update_readme_section(readme: str | Path, name: str, markdown: str) -> Path:
+    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in the README
+    (appending the marked section at the end if absent). Tables in the README are written only
+    this way, by ``kvfree report …`` commands reading result files."""
+    readme = Path(readme)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = readme.read_text() if readme.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    return atomic_write(readme, text)
