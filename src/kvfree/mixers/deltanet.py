@@ -1,0 +1,139 @@
+"""DeltaNet (Yang, Wang, Zhang, Shen, Kim; NeurIPS 2024, arXiv 2406.06484; baselines.md §4).
+
+Glossary (per head h; the layer follows fla's ``DeltaNet`` defaults):
+    [q̃, k̃, ṽ, b]_t    in_proj x_t  (one fused projection: q, k [H·d_k], v [H·d_v], b [H])
+    q_t, k_t, v_t       SiLU(causal depthwise conv_4(q̃, k̃, ṽ))_t;  q, k ← l2norm(q), l2norm(k)
+    β_t ∈ (0,1)         σ(b_t), one per head
+    S_t [d_k, d_v]      S_{t−1} + k_t [β_t (v_t − S_{t−1}ᵀ k_t)]ᵀ     (delta rule)
+    o_t [d_v]           scale · S_tᵀ q_t,  scale = d_k^{-1/2}
+    y_t [D]             o_proj concat_h RMSNorm(o_t)     (RMSNorm over d_v, weight shared by heads)
+
+The chunked WY/UT form (the paper's chunkwise algorithm) lives in
+:mod:`kvfree.mixers.delta_rule` and is shared with Gated DeltaNet (this layer with
+α_t = exp(g_t) and an output gate).
+
+State per layer: S (H·d_k·d_v) + conv buffer ((k−1)·H·(2·d_k + d_v)), constant in T.
+Defaults at d_model = 64: 2 heads of d_k = d_v = 32 (zoology's DeltaNet), conv 4, chunk 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvfree.blocks import CausalConv1d
+from kvfree.mixers.base import Mixer
+from kvfree.mixers.delta_rule import delta_rule_chunked, delta_rule_step, l2norm
+from kvfree.state import State
+
+
+@dataclass
+class DeltaNetState(State):
+    S: torch.Tensor  # [B, H, d_k, d_v]
+    conv: torch.Tensor  # [B, conv_size - 1, H·(2·d_k + d_v)]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else is computed in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class DeltaNet(Mixer):
+    name = "deltanet"
+
+    def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None,
+                 expand_v: float = 1.0, conv_size: int = 4, chunk_size: int = 64,
+                 norm_eps: float = 1e-5):
+        super().__init__(d_model)
+        if num_heads <= 0:
+            raise ValueError(f"num_heads must be positive, got {num_heads}")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                                 "pass head_dim explicitly")
+            head_dim = d_model // num_heads
+        dv = int(head_dim * expand_v)
+        if head_dim <= 0 or dv <= 0:
+            raise ValueError(f"head_dim and head_dim·expand_v must be positive, got "
+                             f"head_dim={head_dim}, expand_v={expand_v}")
+        if chunk_size <= 0 or conv_size <= 0:
+            raise ValueError(f"chunk_size and conv_size must be positive, got "
+                             f"{chunk_size}, {conv_size}")
+        self.H, self.dk, self.dv = num_heads, head_dim, dv
+        self.conv_size, self.chunk_size = conv_size, chunk_size
+        self.scale = head_dim**-0.5
+        self.qkv_dim = num_heads * (2 * head_dim + dv)
+        self.in_proj = nn.Linear(d_model, self._in_dim(), bias=False)
+        self.conv = CausalConv1d(self.qkv_dim, conv_size, bias=False, activation="silu")
+        self.o_norm = nn.RMSNorm(dv, eps=norm_eps)
+        self.o_proj = nn.Linear(num_heads * dv, d_model, bias=False)
+
+    def _in_dim(self) -> int:
+        return self.qkv_dim + self.H  # q, k, v, β logits
+
+    # ----- state -------------------------------------------------------------------------
+    def init_state(self, batch, *, device=None, dtype=None):
+        S = torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=dtype)
+        return DeltaNetState(S, self.conv.init_buffer(batch, device, dtype))
+
+    def state_formula(self) -> str:
+        return (f"H·d_k·d_v + (k−1)·H·(2d_k + d_v) = {self.H}·{self.dk}·{self.dv} + "
+                f"{self.conv_size - 1}·{self.H}·{2 * self.dk + self.dv}")
+
+    def state_size(self, seq_len: int) -> int:
+        return self.H * self.dk * self.dv + (self.conv_size - 1) * self.qkv_dim
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, heads={self.H}, d_k={self.dk}, d_v={self.dv}, "
+                f"chunk_size={self.chunk_size}")
+
+    # ----- shared pieces -------------------------------------------------------------------
+    def _features(self, x, buf, step: bool):
+        """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H], g or None, rest, buf.
+        q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests)."""
+        u = self.in_proj(x)
+        qkv, rest = u[..., :self.qkv_dim], u[..., self.qkv_dim:]
+        qkv, buf = (self.conv.step if step else self.conv)(qkv, buf)
+        cdt = compute_dtype(x)
+        H, dk = self.H, self.dk
+        qkv = qkv.to(cdt)
+        lead = qkv.shape[:-1]
+        q = l2norm(qkv[..., :H * dk].reshape(*lead, H, dk))
+        k = l2norm(qkv[..., H * dk:2 * H * dk].reshape(*lead, H, dk))
+        v = qkv[..., 2 * H * dk:].reshape(*lead, H, self.dv)
+        beta = torch.sigmoid(rest[..., :H].to(cdt))
+        return q, k, v, beta, self._decay(rest, cdt), rest, buf
+
+    def _decay(self, rest, cdt):
+        return None  # DeltaNet: α ≡ 1
+
+    def _norm(self, o):
+        """RMSNorm over d_v in the compute dtype (statistics stay fp32 under autocast)."""
+        return F.rms_norm(o, (self.dv,), self.o_norm.weight.to(o.dtype), self.o_norm.eps)
+
+    def _gate(self, o, rest):
+        return o  # DeltaNet: no output gate
+
+    def _out(self, o, x):
+        """o [..., H, d_v] -> y [..., D]."""
+        return self.o_proj(o.to(x.dtype).flatten(-2))
+
+    # ----- parallel (chunked) --------------------------------------------------------------
+    def _forward(self, x, state, mask):
+        q, k, v, beta, g, rest, buf = self._features(x, state.conv, step=False)
+        with torch.autocast(x.device.type, enabled=False):
+            o, S = delta_rule_chunked(q, k, v, beta, state.S.to(q.dtype), g=g, scale=self.scale,
+                                      chunk_size=self.chunk_size)
+            o = self._gate(self._norm(o), rest)
+        return self._out(o, x), DeltaNetState(S.to(state.S.dtype), buf.to(state.conv.dtype))
+
+    # ----- recurrent -------------------------------------------------------------------------
+    def _step(self, x_t, state, mask):
+        q, k, v, beta, g, rest, buf = self._features(x_t, state.conv, step=True)
+        with torch.autocast(x_t.device.type, enabled=False):
+            o, S = delta_rule_step(q, k, v, beta, state.S.to(q.dtype), g=g, scale=self.scale)
+            o = self._gate(self._norm(o), rest)
+        return self._out(o, x_t), DeltaNetState(S.to(state.S.dtype), buf.to(state.conv.dtype))
