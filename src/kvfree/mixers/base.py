@@ -23,6 +23,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kvfree.state import map_tensors
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A state tensor that is a view into a larger (prefill-sized) buffer is copied, so the
+    carried state does not pin O(T) memory after prefill."""
+    if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
+        return t.clone()
+    return t
+
 
 class Mixer(nn.Module):
     """Base class for token mixers. Subclasses implement ``_forward``, ``_step``,
@@ -52,7 +62,8 @@ class Mixer(nn.Module):
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         if x.shape[1] == 0:  # empty chunk: nothing to mix, the state is unchanged
             return x.new_zeros(x.shape), state
-        return self._forward(x, state, mask)
+        y, state = self._forward(x, state, mask)
+        return y, map_tensors(state, _compact)
 
     def step(
         self, x_t: torch.Tensor, state: Any, mask: torch.Tensor | None = None
