@@ -50,7 +50,49 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-_MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+class KoopmanMLP(nn.Module):
+    """Echo's Spectral Koopman MLP (ska.md §12; paper §3.3), on the pre-normed input u:
+
+        g = SiLU(W_lift u) ∈ ℝ^{d_k};  (g¹, g²) = first and second half of g (d_k/2 pairs)
+        λ_i = γ_i + iω_i (γ_i = 1, ω_i ~ N(0, 0.1²) at init);  s_i = min(ρ_i, 1)/ρ_i, ρ_i = |λ_i|
+        z¹ = s(γ g¹ + ω g²),  z² = s(−ω g¹ + γ g²)   (a 2×2 rotation-scaling per pair, radius ≤ 1)
+        out = W_read [z¹; z²]   (optionally z ⊙ σ(W_gate u) before the readout)
+
+    W_lift, W_read are Xavier-initialised and bias-free: 2·d·d_k + d_k parameters. The core is
+    isotropic scaling × rotation with |λ| ≤ 1, *not* norm-preserving (ska.md §17.16).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, gate: bool = False, omega_std: float = 0.1):
+        super().__init__()
+        if d_ff <= 0 or d_ff % 2:
+            raise ValueError(f"KoopmanMLP pairs its d_ff channels, so d_ff must be a positive "
+                             f"even number, got {d_ff}")
+        self.d_ff = d_ff
+        self.lift = nn.Linear(d_model, d_ff, bias=False)
+        self.read = nn.Linear(d_ff, d_model, bias=False)
+        self.gate = nn.Linear(d_model, d_ff, bias=False) if gate else None
+        nn.init.xavier_uniform_(self.lift.weight)
+        nn.init.xavier_uniform_(self.read.weight)
+        self.gamma = nn.Parameter(torch.ones(d_ff // 2))
+        self.omega = nn.Parameter(torch.randn(d_ff // 2) * omega_std)
+
+    def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Re λ̃, Im λ̃) after clamping the radius to ≤ 1."""
+        rho = torch.sqrt(self.gamma**2 + self.omega**2).clamp_min(1e-12)
+        s = rho.clamp(max=1.0) / rho
+        return s * self.gamma, s * self.omega
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        g = F.silu(self.lift(u))
+        g1, g2 = g.chunk(2, dim=-1)
+        a, b = self.eigenvalues()
+        z = torch.cat([a * g1 + b * g2, -b * g1 + a * g2], dim=-1)
+        if self.gate is not None:
+            z = z * torch.sigmoid(self.gate(u))
+        return self.read(z)
+
+
+_MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP, "koopman": KoopmanMLP}
 
 
 def register_mlp(name: str, cls) -> None:

@@ -50,11 +50,18 @@ def robust_cholesky(A: torch.Tensor, counter: FallbackCounter | None = None,
     3. slices that still fail get the eigen factor F = Q diag(√max(λ, eig_floor)).
     Every repaired slice is counted in ``counter``. The result is always finite for finite A.
     """
+    return robust_factor(A, counter, jitters, eig_floor)[0]
+
+
+def robust_factor(A: torch.Tensor, counter: FallbackCounter | None = None,
+                  jitters=JITTERS, eig_floor: float = 1e-6) -> tuple[torch.Tensor, bool]:
+    """:func:`robust_cholesky` that also says whether every slice is lower-triangular (no eigen
+    fallback was needed), so callers can use triangular solves without scanning the factor."""
     A = 0.5 * (A + A.transpose(-1, -2))
     L, info = torch.linalg.cholesky_ex(A)
     bad = info != 0
     if not bad.any():
-        return L
+        return L, True
     L = L.clone()
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     for delta in jitters:
@@ -68,13 +75,13 @@ def robust_cholesky(A: torch.Tensor, counter: FallbackCounter | None = None,
             bad = bad.clone()
             bad[tuple(i[ok] for i in idx)] = False
         if not bad.any():
-            return L
+            return L, True
     idx = bad.nonzero(as_tuple=True)
     evals, evecs = torch.linalg.eigh(A[idx])
     L[idx] = evecs * evals.clamp_min(eig_floor).sqrt().unsqueeze(-2)
     if counter is not None:
         counter.eigen += int(bad.sum())
-    return L
+    return L, False
 
 
 def spd_solve(A: torch.Tensor, B: torch.Tensor, counter: FallbackCounter | None = None,
@@ -90,12 +97,23 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, counter: FallbackCounter | None 
 
 def factor_solve(F: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Solve (F Fᵀ) X = B for a factor F (lower-triangular Cholesky or an eigen factor)."""
-    if _is_lower(F):
+    if is_lower_triangular(F):
         return torch.cholesky_solve(B, F)
     return torch.linalg.solve(F.transpose(-1, -2), torch.linalg.solve(F, B))
 
 
-def _is_lower(F: torch.Tensor) -> bool:
+def factor_inverse(F: torch.Tensor, triangular: bool) -> torch.Tensor:
+    """F⁻¹ for a batch of factors [..., n, n]: one triangular solve for Cholesky factors, a
+    general solve when some slices are eigen factors."""
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device).expand_as(F)
+    if triangular:
+        return torch.linalg.solve_triangular(F, eye, upper=False)
+    return torch.linalg.solve(F, eye)
+
+
+def is_lower_triangular(F: torch.Tensor) -> bool:
+    """True when every slice of F [..., n, n] is lower-triangular (a Cholesky factor rather
+    than an eigen factor from the fallback), so triangular solves apply."""
     return bool((torch.triu(F, diagonal=1) == 0).all())
 
 
