@@ -46,6 +46,9 @@ class LanguageModel(nn.Module):
                 blocks.append(ResidualBlock(mixer, c.d_model, build_mlp(c.mlp, c.d_model, d_ff),
                                             c.norm))
         self.blocks = nn.ModuleList(blocks)
+        for cls in dict.fromkeys(type(b) for b in blocks):  # weights shared across layers
+            if hasattr(cls, "tie_layers"):  # (e.g. FDM's position term and μ)
+                cls.tie_layers([b for b in blocks if type(b) is cls])
         self.norm = build_norm(c.norm, c.d_model) if c.final_norm else nn.Identity()
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=c.init_std)
