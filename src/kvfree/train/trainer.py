@@ -3,25 +3,43 @@
 Data contract: ``batches(step) -> Batch`` is a pure function of the step index (and its own
 seed), so the data position is the step counter and resuming is exact by construction.
 A ``Batch`` is a dict with ``inputs`` [B, T] int64, ``labels`` [B, T] int64 (−100 = not
-scored) and optionally ``mask`` [B, T] (the SKA oracle write mask).
+scored) and optionally ``mask`` [B, T] (the SKA oracle write mask). Under ``torchrun`` the
+function still returns the global batch and each rank keeps its rows (``distributed.py``).
+
+Resume: ``Trainer(..., resume=True)`` (or a checkpoint path) restores model, optimizer,
+schedule state, step, best value and every RNG, so the resumed run's parameters equal an
+uninterrupted run's bit for bit on CPU. Checkpoints are written every ``checkpoint_every``
+steps and at the end to ``run_dir/checkpoints/last.pt`` (+ ``best.pt`` by ``best_metric``).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvfree.config import from_dict, to_dict
+from kvfree.train import distributed as D
+from kvfree.train.checkpoint import (
+    CheckpointError,
+    config_mismatch,
+    load_checkpoint,
+    model_config_dict,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from kvfree.train.optim import param_groups, warmup_cosine
-from kvfree.utils import default_device
+from kvfree.utils import default_device, environment
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,6 +60,11 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    checkpoint_every: int = 0  # 0 = no checkpoints; N = every N steps and at the end
+    keep_best: bool = True  # with checkpoints: also keep checkpoints/best.pt
+    best_metric: str = "loss"  # key of eval_fn's result; lower is better
+    tensorboard: bool = False  # also write run_dir/tb (needs the tensorboard package)
+    distributed: str = "auto"  # auto (ddp when launched by torchrun) | none | ddp | fsdp
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -59,7 +82,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Schedule:
     """Hook for multi-phase training (e.g. Freeze-Scan). ``on_step`` runs before every step;
     it may change ``requires_grad`` and then call ``trainer.rebuild_optimizer()``. ``lr_at``
-    may override the learning rate (return None to keep the warm-up + cosine schedule)."""
+    may override the learning rate (return None to keep the warm-up + cosine schedule).
+    ``state_dict``/``load_state_dict`` are saved in checkpoints, so a resumed run continues in
+    the same phase."""
 
     def on_step(self, trainer: Trainer) -> None:
         pass
@@ -78,37 +103,81 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, config: TrainConfig,
                  batches: Callable[[int], Batch], *, run_dir: str | Path | None = None,
                  eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-                 schedule: Schedule | None = None, desc: str = "train"):
+                 schedule: Schedule | None = None, desc: str = "train",
+                 resume: str | Path | bool | None = None, meta: dict | None = None):
         self.cfg, self.batches, self.eval_fn, self.desc = config, batches, eval_fn, desc
         self.schedule = schedule or Schedule()
-        self.device = default_device() if config.device == "auto" else torch.device(config.device)
+        self.meta = meta or {}
+        self.rank, self.world = D.rank(), D.world_size()
+        self.mode = config.distributed
+        if self.mode == "auto":
+            self.mode = "ddp" if D.is_distributed() else "none"
+        if self.mode != "none" and not D.is_distributed():
+            raise ValueError(f"distributed={self.mode!r} needs a process group: launch with "
+                             "torchrun (WORLD_SIZE > 1) or set distributed='none'")
+        if config.device == "auto":
+            self.device = D.local_device() if D.is_distributed() else default_device()
+        else:
+            self.device = torch.device(config.device)
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir) if run_dir else None
+        self._net = self.model
+        if self.mode == "fsdp":
+            self._net = D.wrap(self.model, "fsdp", self.device)
         self.rebuild_optimizer()
         amp = config.amp if config.amp != "auto" else (
             "bf16" if self.device.type == "cuda" else "none")
         self.autocast = amp == "bf16"
         self.step = 0
+        self.best: float | None = None
+        self.elapsed = 0.0  # training seconds over all runs of this training (resumes add up)
+        self._t_start: float | None = None
         self.history: list[dict] = []
+        self._pending_rng: dict | None = None
+        self._tb = None
+        if resume:
+            self._resume(resume)
 
+    # ----- optimizer ---------------------------------------------------------------------------
     def rebuild_optimizer(self) -> None:
         """(Re)create AdamW over the parameters that currently require gradients, and log the
-        frozen / trainable parameter counts."""
+        frozen / trainable parameter counts. Under DDP the wrapper is rebuilt too, since DDP
+        fixes the set of gradient-carrying parameters when it is created."""
         self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay),
                                      lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
         params = list(self.model.parameters())
+        for p in params:
+            if not p.requires_grad:
+                p.grad = None  # a stale gradient of a frozen parameter must not reach clipping
         self.trainable = sum(p.numel() for p in params if p.requires_grad)
         self.frozen = sum(p.numel() for p in params if not p.requires_grad)
+        if self.mode == "ddp":
+            self._net = D.wrap(self.model, "ddp", self.device)
 
+    # ----- logging -----------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.run_dir is None or self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:
+                    raise ImportError("tensorboard=True needs the tensorboard package: "
+                                      "pip install 'kvfree[tensorboard]'") from e
+                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
 
+    # ----- one step ----------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> float:
         self.model.train()
+        batch = D.shard_batch(batch, self.rank, self.world)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.schedule.on_step(self)
         lr = self.schedule.lr_at(self.step)
@@ -118,30 +187,139 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits, _ = self.model(batch["inputs"], mask=batch.get("mask"))
-        loss = lm_loss(logits, batch["labels"])
+            logits, _ = self._net(batch["inputs"], mask=batch.get("mask"))
+        if self.world > 1:
+            loss, report = D.global_mean_loss(logits, batch["labels"])
+        else:
+            loss = report = lm_loss(logits, batch["labels"])
+        if hasattr(self.model, "aux_loss"):  # e.g. HRBD's orthogonality penalty (not reported)
+            loss = loss + self.model.aux_loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        return loss.item()
+        return report.item()
 
     def evaluate(self) -> dict:
+        """Run ``eval_fn`` (on every rank, as FSDP needs all of them), log, keep the best."""
         if self.eval_fn is None:
             return {}
         self.model.eval()
         with torch.no_grad():
             out = self.eval_fn(self.model)
         self._log({"step": self.step, **{f"eval/{k}": v for k, v in out.items()}})
+        value = out.get(self.cfg.best_metric)
+        if isinstance(value, (int, float)) and (self.best is None or value < self.best):
+            self.best = float(value)
+            if self.cfg.checkpoint_every and self.cfg.keep_best and self.run_dir is not None:
+                self.save_checkpoint(self.run_dir / "checkpoints" / "best.pt")
         return out
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Snapshot everything a resumed run needs (collective under DDP/FSDP; rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.mode == "fsdp")
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
+        rngs = D.gather_objects(rng_state())
+        if self.rank == 0:
+            save_checkpoint(path, {
+                "model": model_sd, "optimizer": optim_sd,
+                "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
+                "trainer": {"step": self.step, "best": self.best, "world_size": self.world,
+                            "elapsed": self._elapsed()},
+                "schedule": self.schedule.state_dict(), "rng": rngs,
+                "model_config": model_config_dict(self.model),
+                "train_config": self.cfg.to_dict(), "meta": self.meta,
+            })
+        D.barrier()
+        return Path(path)
+
+    def _resume(self, resume: str | Path | bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if resume is True:
+            if self.run_dir is None:
+                raise ValueError("resume=True needs run_dir (its checkpoints/last.pt is loaded)")
+            path = self.run_dir / "checkpoints" / "last.pt"
+            if not path.exists():  # nothing to resume: start fresh
+                return
+        else:
+            path = Path(resume)
+        ckpt = load_checkpoint(path)
+        diff = config_mismatch(ckpt.get("model_config"), model_config_dict(self.model))
+        if diff:
+            raise CheckpointError(f"{path} was trained with a different model config:\n  "
+                                  + "\n  ".join(diff) + "\nbuild the model from the checkpoint's "
+                                  "config (kvfree.train.lm.load_model) or start a new run")
+        names = {n for n, _ in self.model.named_parameters()}
+        saved = ckpt.get("requires_grad", {})
+        if set(saved) != names:
+            raise CheckpointError(f"{path}: parameter names differ from the model's (missing "
+                                  f"{sorted(names - set(saved))[:5]}, unexpected "
+                                  f"{sorted(set(saved) - names)[:5]}); wrong model for this run")
+        opts = StateDictOptions(full_state_dict=True, strict=True)
+        try:
+            set_model_state_dict(self.model, ckpt["model"], options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: model weights do not fit this model ({e}); "
+                                  "wrong model for this checkpoint") from e
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(saved[n])
+        self.rebuild_optimizer()
+        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
+        self.schedule.load_state_dict(ckpt.get("schedule", {}))
+        self.step = int(ckpt["trainer"]["step"])
+        self.best = ckpt["trainer"].get("best")
+        self.elapsed = float(ckpt["trainer"].get("elapsed", 0.0))
+        rngs = ckpt.get("rng", [])
+        self._pending_rng = rngs[self.rank] if len(rngs) == self.world else None
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint by the interrupted run."""
+        if self.run_dir is None or self.rank != 0:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    # ----- loop --------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self.elapsed if self._t_start is None else time.time() - self._t_start
+
     def fit(self) -> dict:
-        torch.manual_seed(self.cfg.seed)
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        elif self.step == 0:
+            seed = self.cfg.seed + self.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        save = bool(self.cfg.checkpoint_every and ckpt_dir is not None)
         t0, loss, last_eval = time.time(), float("nan"), {}
+        self._t_start = t0 - self.elapsed
+        start = self.step
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc,
-                   disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+                   disable=not self.cfg.progress or self.rank != 0, leave=False,
+                   dynamic_ncols=True)
         while self.step < self.cfg.steps:
             loss = self.train_step(self.batches(self.step))
             bar.update(1)
@@ -149,11 +327,31 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 self._log({"step": self.step, "loss": loss,
                            "lr": self.opt.param_groups[0]["lr"],
-                           "elapsed_s": round(time.time() - t0, 3)})
+                           "elapsed_s": round(self._elapsed(), 3)})
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                     and self.step < self.cfg.steps:
                 last_eval = self.evaluate()
+            if save and self.step % self.cfg.checkpoint_every == 0 \
+                    and self.step < self.cfg.steps:
+                self.save_checkpoint(ckpt_dir / "last.pt")
         bar.close()
         last_eval = self.evaluate() or last_eval
-        return {"steps": self.step, "final_loss": loss, "train_seconds": time.time() - t0,
-                **{f"eval/{k}": v for k, v in last_eval.items()}}
+        if save:
+            self.save_checkpoint(ckpt_dir / "last.pt")
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self.elapsed, self._t_start = self._elapsed(), None
+        summary = {"steps": self.step, "final_loss": loss, "train_seconds": time.time() - t0,
+                   "train_seconds_total": self.elapsed, "steps_this_run": self.step - start,
+                   **{f"eval/{k}": v for k, v in last_eval.items()}}
+        if self.best is not None:
+            summary["best_" + self.cfg.best_metric] = self.best
+        if self.run_dir is not None and self.rank == 0:
+            from kvfree.report.tables import write_json
+
+            write_json(self.run_dir / "summary.json", {
+                **summary, "trainable_params": self.trainable, "frozen_params": self.frozen,
+                "world_size": self.world, "distributed": self.mode,
+                "environment": environment(self.device)})
+        return summary
