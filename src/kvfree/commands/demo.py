@@ -1,6 +1,13 @@
-"""``kvfree demo``: train a tiny fixed-memory model on key-value recall, then decode with a
-constant-size state. (The recall benchmark's main job replaces this as the README's first
-command once it exists.)"""
+"""``kvfree demo``: the main job — does a fixed-size memory recall as well as a KV cache?
+
+The CPU preset trains six 2-layer d = 64 models — Transformer (KV cache), Mamba-2, Gated
+DeltaNet, Mamba-2 + SKA without a mask (the headline) and with the oracle prefix mask, FDM — on
+Echo's MQAR-with-gap (tasks.md §2) as one mixture of M ∈ {4, 8} pairs × gap ∈ {64, 256}, then
+evaluates every cell on held-out examples and prints accuracy and decode-state bytes per model
+and cell (``kvfree bench recall --grid cpu``; about 10 minutes on 2 cores). ``--preset paper``
+runs the papers' grids (Echo's 28 cells per-cell, zoology's Based grid with an LR sweep) and is
+meant for a GPU.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +15,59 @@ import typer
 
 from kvfree.cli import app
 
+MAIN_MODELS = ["recall-attention", "recall-mamba2", "recall-gdn", "recall-mamba2-ska",
+               "recall-mamba2-ska-prefix", "recall-fdm"]
+#: The slowest models start first so that two workers finish together.
+SLOWEST_FIRST = ["recall-gdn", "recall-fdm", "recall-mamba2", "recall-mamba2-ska",
+                 "recall-mamba2-ska-prefix", "recall-attention"]
+
 
 @app.command()
 def demo(
-    steps: int = typer.Option(300, help="Training steps."),
-    preset: str = typer.Option("tiny-linear", help="Model preset to train."),
-    out: str = typer.Option("runs/demo", help="Run folder."),
+    preset: str = typer.Option("cpu", help="cpu (the main job, ~10 min on 2 cores) | paper "
+                               "(Echo + zoology grids; GPU)."),
+    out: str = typer.Option("runs/demo", help="Output folder (a rerun resumes)."),
+    seeds: str = typer.Option(None, help="Comma-separated seeds (default: 0 for cpu, 0,1,2 "
+                              "for paper)."),
+    workers: int = typer.Option(None, help="Parallel training processes (default: 2 on CPU, "
+                                "1 on GPU)."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
 ) -> None:
-    """Train a tiny model on 4-pair key-value recall and decode with constant memory."""
+    """The main job: recall accuracy and state bytes of KV-cache attention against fixed-memory
+    models (Mamba-2, Gated DeltaNet, Mamba-2 + SKA with/without the oracle mask, FDM)."""
+    import os
+    import time
+    from pathlib import Path
+
     import torch
 
-    from kvfree import state_bytes
-    from kvfree.models import LanguageModel
-    from kvfree.models import preset as get_preset
-    from kvfree.train import TrainConfig, Trainer
+    from kvfree.bench.recall import run
+    from kvfree.bench.recall_grid import grid
+    from kvfree.utils import default_device
 
-    def batch(step: int, n: int = 32, pairs: int = 4, vocab: int = 64):
-        g = torch.Generator().manual_seed(step)
-        keys = torch.rand(n, vocab // 2, generator=g).argsort(-1)[:, :pairs]
-        vals = vocab // 2 + torch.randint(0, vocab // 2, (n, pairs), generator=g)
-        q = torch.randint(0, pairs, (n,), generator=g)
-        ctx = torch.stack([keys, vals], -1).flatten(1)
-        inputs = torch.cat([ctx, keys.gather(1, q[:, None])], 1)
-        labels = torch.full_like(inputs, -100)
-        labels[:, -1] = vals.gather(1, q[:, None])[:, 0]
-        return {"inputs": inputs, "labels": labels}
-
-    model = LanguageModel(get_preset(preset, vocab_size=64))
-    trainer = Trainer(model, TrainConfig(steps=steps, lr=3e-3, warmup_steps=30, log_every=25),
-                      batch, run_dir=out)
-    summary = trainer.fit()
-    test = batch(10**6, n=512)
-    model.eval()
-    with torch.no_grad():
-        logits, state = model.prefill(test["inputs"])
-    acc = (logits[:, -1].argmax(-1) == test["labels"][:, -1]).float().mean().item()
-    print(f"{preset}: final loss {summary['final_loss']:.3f}, recall accuracy {acc:.3f} "
-          f"(chance {1 / 32:.3f}); decode state {state_bytes(state):,} bytes for "
-          f"{test['inputs'].shape[0]} sequences")
-    out_ids = model.generate(test["inputs"][:2], 8)
-    print(f"generated {out_ids.shape[1] - test['inputs'].shape[1]} tokens with "
-          f"{model.last_state_bytes:,} state bytes (constant in length); logs in {out}/")
+    if preset not in ("cpu", "paper"):
+        raise typer.BadParameter(f"preset must be 'cpu' or 'paper', got {preset!r}")
+    try:
+        seed_list = [int(s) for s in (seeds or ("0" if preset == "cpu" else "0,1,2")).split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") \
+            from None
+    dev = torch.device(device) if device else default_device()
+    if workers is None:
+        workers = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)
+    t0 = time.time()
+    grids = [grid("cpu")] if preset == "cpu" else [grid("echo"), grid("zoology-based")]
+    for g in grids:
+        folder = Path(out) if len(grids) == 1 else Path(out) / g.name
+        print(f"main job: {len(MAIN_MODELS)} models × seeds {seed_list} on {g.task} "
+              f"({g.name} grid, {len(g.cells)} cells) on {dev}, {workers} worker(s); "
+              f"results in {folder}/", flush=True)
+        res = run(g, MAIN_MODELS, seed_list, folder, device=str(dev), workers=workers,
+                  threads=1 if dev.type == "cpu" else None, first=SLOWEST_FIRST)
+        print()
+        print(res["markdown"])
+        plots = [f for f in res["files"] if f.endswith(".png")]
+        print(f"plots: {', '.join(plots)}")
+        print(f"table: {folder}/recall.md (regenerate: kvfree report recall {folder})")
+    print(f"main job finished in {time.time() - t0:.0f} s wall "
+          f"({res['meta']['jobs_run']} runs trained now, {res['meta']['jobs_reused']} reused).")

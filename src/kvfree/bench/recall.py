@@ -1,0 +1,314 @@
+"""``kvfree bench recall``: train each model on a task grid, evaluate every cell, several seeds,
+an optional learning-rate sweep; resumable.
+
+Protocol (tasks.md §0):
+- a *job* is one training run: (model, seed, LR) on the grid's mixture of cells, or on one
+  cell in ``per_cell`` mode. Its result file ``jobs/<job>.json`` holds one row per evaluated
+  cell; a rerun skips every job whose file exists with the same grid and model fingerprint
+  (resume at the job level; an interrupted job restarts from step 0);
+- training data: train seeds [0, 2³¹) derived from (grid, cell, step) — fresh examples every
+  step — or a fixed train set iterated for ``epochs``; validation sets (model selection)
+  also come from the train range, test sets from the test range [2³¹, 2³²);
+- the best LR per model is chosen by **validation** accuracy (mean over cells and seeds),
+  never by test accuracy; the table reports test accuracy at that LR;
+- accuracy: argmax over the full vocabulary at every scored position, mean per example, mean
+  over examples (zoology's convention); state bytes: measured ``kvfree.state_bytes`` of the
+  decode state after prefilling the cell's length, fp32, all layers (baselines.md §8), next
+  to the analytic formula value.
+
+Outputs in ``out/``: ``results.jsonl`` (every row), ``summary.json`` (best LR, per-cell means),
+``recall.md`` (tables), ``heatmap_<model>.png`` and ``acc_vs_state.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvfree.bench.recall_grid import RecallGrid, cell_key
+from kvfree.tasks import TaskData, derive_seed, example_accuracy, make
+
+
+@dataclass
+class Job:
+    model: str
+    seed: int
+    lr: float
+    cells: list[dict]  # the cells this run is trained on and evaluated on
+    eval_cells: list[dict]
+
+    @property
+    def id(self) -> str:
+        tag = f"{self.model}__seed{self.seed}__lr{self.lr:.3g}"
+        if len(self.cells) == 1 and self.eval_cells == self.cells:
+            tag += "__" + cell_key(self.cells[0]).replace("=", "").replace(",", "_")
+        return tag
+
+
+def plan(grid: RecallGrid, models: list[str], seeds: list[int]) -> list[Job]:
+    jobs = []
+    for model in models:
+        for seed in seeds:
+            for lr in grid.lrs_for(model):
+                if grid.train == "per_cell":
+                    jobs += [Job(model, seed, lr, [c], [c]) for c in grid.cells]
+                else:
+                    jobs.append(Job(model, seed, lr, grid.training_cells(), grid.cells))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _cell_data(grid: RecallGrid, cell: dict, split: str, n: int, *key) -> TaskData:
+    seed = derive_seed("test" if split == "test" else "train", grid.name, split, cell_key(cell),
+                       *key)
+    return make(grid.task, seed, num_examples=n, **grid.options, **cell)
+
+
+class Batches:
+    """``batches(step)``: a pure function of the step (resume-exact). Each step draws from one
+    training cell (round robin in online mode; a shuffled epoch of fixed batches otherwise),
+    so a batch has one length and no padding."""
+
+    def __init__(self, grid: RecallGrid, job: Job, mask: str | None):
+        self.grid, self.job, self.mask = grid, job, mask
+        self.fixed = None
+        if grid.train_examples is not None:
+            sizes = grid.train_examples
+            if grid.train == "per_cell":
+                sizes = [sizes[grid.training_cells().index(job.cells[0])]]
+            self.fixed = [_cell_data(grid, c, "train", n, "fixed", job.seed)
+                          for c, n in zip(job.cells, sizes)]
+            b = grid.batch_size
+            self.epoch_batches = [(i, j) for i, d in enumerate(self.fixed)
+                                  for j in range(0, len(d), b)]
+
+    def steps(self) -> int:
+        if self.fixed is None:
+            return self.grid.steps
+        return len(self.epoch_batches) * (self.grid.epochs or 1)
+
+    def __call__(self, step: int) -> dict:
+        g = self.grid
+        if self.fixed is None:
+            cell = self.job.cells[step % len(self.job.cells)]
+            data = _cell_data(g, cell, "train", g.batch_size, "step", self.job.seed, step)
+            return data.batch(mask=self.mask)
+        epoch, k = divmod(step, len(self.epoch_batches))
+        order = np.random.default_rng([self.job.seed, epoch]).permutation(len(self.epoch_batches))
+        i, j = self.epoch_batches[order[k]]
+        d = self.fixed[i]
+        idx = np.random.default_rng([self.job.seed, epoch, i]).permutation(len(d))
+        return d.batch(idx[j:j + g.batch_size], mask=self.mask)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, data: TaskData, mask: str | None, batch: int, device) -> float:
+    """Mean per-example accuracy (argmax over the full vocabulary)."""
+    import torch
+
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            b = data.batch(np.arange(i, min(i + batch, len(data))), mask=mask, device=device)
+            logits, _ = model(b["inputs"], mask=b.get("mask"))
+            preds.append(logits.argmax(-1).cpu().numpy())
+    return float(np.nanmean(example_accuracy(np.concatenate(preds), data.labels)))
+
+
+def measure_state(model, data: TaskData, mask: str | None, device) -> tuple[int, int | None]:
+    """(measured bytes of the decode state after prefilling one example, analytic formula
+    bytes) — fp32, all layers."""
+    import torch
+
+    from kvfree.state import state_bytes
+
+    b = data.batch([0], mask=mask, device=device)
+    model.eval()
+    with torch.no_grad():
+        _, state = model.prefill(b["inputs"], mask=b.get("mask"))
+    measured = state_bytes(state)
+    try:
+        formula = 4 * sum(m.state_size(data.seq_len) for m in model.mixers())
+    except (NotImplementedError, AttributeError, TypeError):
+        formula = None
+    return measured, formula
+
+
+# ----------------------------------------------------------------------------- one job
+
+
+def build_model(model_spec: str, vocab_size: int, seed: int):
+    import torch
+
+    from kvfree.models import LanguageModel
+    from kvfree.models import preset as get_preset
+    from kvfree.models.presets_recall import oracle_mask
+
+    name, overrides = parse_model(model_spec)
+    cfg = get_preset(name, vocab_size=vocab_size, **overrides)
+    torch.manual_seed(seed)
+    return LanguageModel(cfg), ("prefix" if oracle_mask(cfg) else None)
+
+
+def parse_model(spec: str) -> tuple[str, dict]:
+    """``preset`` or ``preset[key=value,…]`` (values parsed as JSON when possible)."""
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ValueError(f"model spec {spec!r}: write preset[key=value,...]")
+    name, rest = spec[:-1].split("[", 1)
+    out = {}
+    for part in filter(None, rest.split(",")):
+        if "=" not in part:
+            raise ValueError(f"model spec {spec!r}: {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return name, out
+
+
+def run_job(grid: RecallGrid, job: Job, out_dir: Path, *, device=None, on_step=None,
+            threads: int | None = None) -> dict:
+    """Train and evaluate one job; returns {"job", "rows", "train"} (also written to disk)."""
+    import torch
+
+    from kvfree.report.tables import write_json
+    from kvfree.train import Schedule, TrainConfig, Trainer
+    from kvfree.utils import default_device, environment
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device) if device else default_device()
+    probe = _cell_data(grid, job.eval_cells[0], "val", 1)
+    model, mask = build_model(job.model, probe.vocab_size, job.seed)
+    batches = Batches(grid, job, mask)
+
+    class Progress(Schedule):
+        def on_step(self, trainer):
+            if on_step is not None and trainer.step > 0:
+                on_step(1)
+
+    steps = batches.steps()
+    cfg = TrainConfig(steps=steps, lr=job.lr, warmup_steps=min(grid.warmup_steps, steps // 2),
+                      weight_decay=grid.weight_decay, min_lr_ratio=grid.min_lr_ratio,
+                      seed=job.seed, device=str(device), progress=False,
+                      log_every=max(1, steps // 20))
+    run_dir = out_dir / "jobs" / job.id
+    t0 = time.time()
+    summary = Trainer(model, cfg, batches, run_dir=run_dir, schedule=Progress(),
+                      desc=job.id).fit()
+    if on_step is not None:
+        on_step(1)  # the last step (the hook runs before each step)
+    train_s = time.time() - t0
+    rows = []
+    for cell in job.eval_cells:
+        val = _cell_data(grid, cell, "val", grid.n_val)
+        test = _cell_data(grid, cell, "test", grid.n_test)
+        measured, formula = measure_state(model, test, mask, device)
+        rows.append({
+            "grid": grid.name, "task": grid.task, "model": job.model, "seed": job.seed,
+            "lr": job.lr, "cell": cell_key(cell), **cell, "seq_len": test.seq_len,
+            "val_acc": evaluate(model, val, mask, grid.eval_batch, device),
+            "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
+            "n_val": len(val), "n_test": len(test),
+            "state_bytes": measured, "state_bytes_formula": formula,
+            "params": model.num_parameters(), "oracle_mask": mask is not None,
+            "steps": steps, "batch_size": grid.batch_size, "train_seconds": train_s,
+            "final_loss": summary["final_loss"], "job": job.id})
+    result = {"job": {**job.__dict__, "id": job.id}, "grid_fingerprint": grid.fingerprint(),
+              "rows": rows, "train": {**summary, "wall_seconds": time.time() - t0},
+              "env": environment(device)}
+    write_json(out_dir / "jobs" / f"{job.id}.json", result)
+    return result
+
+
+def load_job(out_dir: Path, grid: RecallGrid, job: Job) -> dict | None:
+    """The finished result of ``job`` if its file exists and matches the grid."""
+    path = out_dir / "jobs" / f"{job.id}.json"
+    if not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return res if res.get("grid_fingerprint") == grid.fingerprint() else None
+
+
+# ----------------------------------------------------------------------------- the bench
+
+
+def run(grid: RecallGrid, models: list[str], seeds: list[int], out_dir: str | Path, *,
+        device: str | None = None, workers: int = 1, threads: int | None = None,
+        progress: bool = True, plots: bool = True, first: list[str] | None = None) -> dict:
+    """Run (or resume) every job, then write results.jsonl, summary.json, recall.md, plots.
+
+    ``first``: models whose jobs start first (put the slowest first to balance workers); the
+    tables keep the order of ``models``."""
+    from tqdm.auto import tqdm
+
+    from kvfree.bench.recall_report import write_outputs
+    from kvfree.report.tables import write_json
+    from kvfree.utils import environment
+
+    out_dir = Path(out_dir)
+    if not models or not seeds:
+        raise ValueError("give at least one model and one seed")
+    for m in models:  # fail fast on an unknown preset
+        build_model(m, _cell_data(grid, grid.cells[0], "val", 1).vocab_size, 0)
+    jobs = plan(grid, models, seeds)
+    write_json(out_dir / "config.json", {"grid": grid.to_dict(), "models": models,
+                                         "seeds": seeds, "device": device, "workers": workers})
+    done = {j.id: r for j in jobs if (r := load_job(out_dir, grid, j)) is not None}
+    todo = [j for j in jobs if j.id not in done]
+    if first:
+        todo.sort(key=lambda j: first.index(j.model) if j.model in first else len(first))
+    steps_of = {j.id: Batches(grid, j, None).steps() if grid.train_examples is None
+                else _fixed_steps(grid, j) for j in todo}
+    t0 = time.time()
+    n_cells = sum(len(j.eval_cells) for j in jobs)
+
+    def label() -> str:
+        cells = sum(len(j.eval_cells) for j in jobs if j.id in done)
+        return f"recall: {cells}/{n_cells} cells, {len(done)}/{len(jobs)} runs done"
+
+    bar = tqdm(total=sum(steps_of.values()), unit="step", disable=not progress,
+               dynamic_ncols=True, desc=label())
+    if workers > 1 and len(todo) > 1:
+        from kvfree.bench.recall_workers import run_parallel
+
+        for res in run_parallel(grid, todo, out_dir, device, workers, threads or 1, bar):
+            done[res["job"]["id"]] = res
+            bar.set_description(label())
+    else:
+        for job in todo:
+            bar.set_postfix_str(job.id)
+            done[job.id] = run_job(grid, job, out_dir, device=device, on_step=bar.update,
+                                   threads=threads)
+            bar.set_description(label())
+    bar.close()
+    rows = [r for j in jobs for r in done[j.id]["rows"]]
+    env = environment(device)
+    meta = {"grid": grid.to_dict(), "models": models, "seeds": seeds,
+            "wall_seconds_this_run": time.time() - t0, "jobs_run": len(todo),
+            "jobs_reused": len(jobs) - len(todo), "env": env, "workers": workers,
+            "threads_per_worker": threads}
+    return write_outputs(out_dir, rows, meta, plots=plots)
+
+
+def _fixed_steps(grid: RecallGrid, job: Job) -> int:
+    b = grid.batch_size
+    sizes = grid.train_examples
+    if grid.train == "per_cell":
+        sizes = [sizes[grid.training_cells().index(job.cells[0])]]
+    return sum(-(-n // b) for n in sizes) * (grid.epochs or 1)

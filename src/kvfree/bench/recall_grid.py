@@ -1,0 +1,142 @@
+"""Grids of the recall benchmark: which task cells to train on and evaluate, and the recipe.
+
+A :class:`RecallGrid` names a task, its evaluation cells (task options per cell), how the
+model is trained (one run on a mixture of the cells, or one run per cell), the recipe, the
+learning-rate grid and the two slice keys of the heatmap. Presets:
+
+    cpu            mqar_gap  M ∈ {4, 8} × gap ∈ {64, 256}; one run on an 8-cell mixture, CPU-sized
+    echo           mqar_gap  M ∈ {4, 8, 16, 32} × gap ∈ {64, …, 4096} (28 cells, tasks.md §2);
+                             each cell from scratch: 10k steps, batch 64, LR 1e-3, warmup 500
+    zoology-based  mqar      7 test slices 64/4 … 1024/256 (tasks.md §1.4); fixed train set of
+                             5 segments, 32 epochs, batch 256, LR sweep
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvfree.config import from_dict
+
+
+@dataclass
+class RecallGrid:
+    name: str
+    task: str
+    cells: list[dict]  # evaluation cells: task options (without num_examples)
+    axes: tuple[str, str]  # heatmap (rows, columns): slice keys of the task
+    train: str = "mixture"  # mixture (one run on all train cells) | per_cell
+    train_cells: list[dict] | None = None  # default: the evaluation cells
+    train_examples: list[int] | None = None  # fixed train set sizes per train cell (epochs);
+    #                                          None = fresh examples every step (online)
+    steps: int = 1000  # optimizer steps per run (fixed train sets: derived from epochs)
+    epochs: int | None = None  # with train_examples: epochs over the fixed set
+    batch_size: int = 32
+    lrs: list[float] = field(default_factory=lambda: [1e-3])
+    model_lrs: dict[str, list[float]] = field(default_factory=dict)  # per-model LR grids
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    min_lr_ratio: float = 0.1
+    n_val: int = 200  # validation examples per cell (train-seed range, model selection)
+    n_test: int = 1000  # test examples per cell (test-seed range, reported)
+    eval_batch: int = 200
+    options: dict[str, Any] = field(default_factory=dict)  # fixed task options for every cell
+    note: str = ""
+
+    def __post_init__(self):
+        if self.train not in ("mixture", "per_cell"):
+            raise ValueError(f"train must be 'mixture' or 'per_cell', got {self.train!r}")
+        if not self.cells:
+            raise ValueError("a recall grid needs at least one cell")
+        if self.train_examples is not None and len(self.train_examples) != len(
+                self.training_cells()):
+            raise ValueError("train_examples needs one size per train cell")
+        self.axes = tuple(self.axes)
+
+    def lrs_for(self, model: str) -> list[float]:
+        """The LR grid of ``model``: its entry in ``model_lrs`` (by full spec or by preset
+        name), else ``lrs``."""
+        base = model.split("[", 1)[0]
+        return self.model_lrs.get(model) or self.model_lrs.get(base) or self.lrs
+
+    def training_cells(self) -> list[dict]:
+        return self.train_cells if self.train_cells is not None else self.cells
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RecallGrid:
+        return from_dict(cls, data, kind="recall grid key")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (resume only reuses matching runs)."""
+        keep = {k: v for k, v in self.to_dict().items() if k not in ("note", "eval_batch")}
+        return hashlib.blake2b(json.dumps(keep, sort_keys=True, default=str).encode(),
+                               digest_size=6).hexdigest()
+
+
+def cell_key(cell: dict) -> str:
+    return ",".join(f"{k}={cell[k]}" for k in sorted(cell))
+
+
+#: The main job's training mixture (M, gap): short sequences teach the mechanism cheaply, the
+#: longer ones (gap 64, 256) keep every model in the evaluated length range.
+CPU_TRAIN = ((1, 8), (2, 16), (4, 16), (8, 16), (4, 64), (8, 64), (4, 256), (8, 256))
+#: Per-model learning rates, chosen in short tuning runs by validation accuracy (train-seed
+#: range): GDN among 1e-3/3e-3/6e-3, attention, FDM and SKA among 1e-3/3e-3 (README).
+CPU_LRS = {"recall-attention": [1e-3], "recall-fdm": [1e-3]}
+
+
+def _cpu() -> RecallGrid:
+    return RecallGrid(
+        name="cpu", task="mqar_gap",
+        cells=[{"num_kv_pairs": m, "gap": g} for m in (4, 8) for g in (64, 256)],
+        axes=("num_kv_pairs", "gap"), train="mixture",
+        train_cells=[{"num_kv_pairs": m, "gap": g} for m, g in CPU_TRAIN],
+        steps=1200, batch_size=32, lrs=[3e-3], model_lrs=dict(CPU_LRS), warmup_steps=120,
+        weight_decay=0.1, n_val=200, n_test=500,
+        note="CPU-sized: one run per model on a mixture of 8 (M, gap) cells (one cell per "
+             "step, round robin; fresh examples every step), evaluated on the 4 cells "
+             "M ∈ {4, 8} × gap ∈ {64, 256}")
+
+
+def _echo() -> RecallGrid:
+    return RecallGrid(
+        name="echo", task="mqar_gap",
+        cells=[{"num_kv_pairs": m, "gap": g} for m in (4, 8, 16, 32)
+               for g in (64, 128, 256, 512, 1024, 2048, 4096)],
+        axes=("num_kv_pairs", "gap"), train="per_cell", steps=10_000, batch_size=64,
+        lrs=[1e-3], warmup_steps=500, weight_decay=0.1, n_val=500, n_test=1000,
+        note="tasks.md §2: each cell trained from scratch (AdamW, LR 1e-3, batch 64, 10k "
+             "steps, warmup 500, wd 0.1; bf16 on GPU), 1000 held-out examples per cell")
+
+
+def _zoology() -> RecallGrid:
+    from kvfree.tasks.mqar import GRIDS
+
+    g = GRIDS["based"]
+    return RecallGrid(
+        name="zoology-based", task="mqar",
+        cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K, _ in g["test"]],
+        axes=("num_kv_pairs", "input_seq_len"), train="mixture",
+        train_cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K, _ in g["train"]],
+        train_examples=[n for _, _, n in g["train"]], epochs=32, batch_size=256,
+        lrs=list(g["lrs"]), warmup_steps=0, weight_decay=0.1, min_lr_ratio=0.0, n_val=500,
+        n_test=1000, eval_batch=32, options=dict(g["options"]),
+        note="tasks.md §1.4 (Based/'original' grid): fixed train set (5 segments, 180k "
+             "examples), 32 epochs, cosine without warmup, batch 256, LR sweep, best LR per "
+             "model by validation accuracy; test on 7 slices up to 1024")
+
+
+GRIDS = {"cpu": _cpu, "echo": _echo, "zoology-based": _zoology}
+
+
+def grid(name: str, **overrides) -> RecallGrid:
+    if name not in GRIDS:
+        raise ValueError(f"unknown recall grid {name!r}; choose one of {', '.join(GRIDS)}")
+    g = GRIDS[name]()
+    return RecallGrid.from_dict({**g.to_dict(), **overrides}) if overrides else g

@@ -1,0 +1,186 @@
+"""Tables and plots of ``bench recall`` from its rows (also ``kvfree report recall``).
+
+Model selection: the LR with the best mean **validation** accuracy (over cells and seeds) per
+model; every number reported is test accuracy at that LR, mean over seeds (± the standard
+deviation over seeds when there are several).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kvfree.report.tables import atomic_write, markdown_table, write_json
+
+
+def best_lrs(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by_lr: dict[float, list[float]] = {}
+        for r in rows:
+            if r["model"] == model:
+                by_lr.setdefault(r["lr"], []).append(r["val_acc"])
+        out[model] = max(sorted(by_lr), key=lambda lr: np.mean(by_lr[lr]))
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per model at its best LR: per-cell test mean/std over seeds, val means, state bytes."""
+    lrs = best_lrs(rows)
+    models = {}
+    for model, lr in lrs.items():
+        sel = [r for r in rows if r["model"] == model and r["lr"] == lr]
+        cells = {}
+        for cell in dict.fromkeys(r["cell"] for r in sel):
+            rs = [r for r in sel if r["cell"] == cell]
+            acc = [r["test_acc"] for r in rs]
+            cells[cell] = {"test_acc": float(np.mean(acc)), "test_std": float(np.std(acc)),
+                           "val_acc": float(np.mean([r["val_acc"] for r in rs])),
+                           "seeds": sorted(r["seed"] for r in rs),
+                           "state_bytes": rs[0]["state_bytes"],
+                           "state_bytes_formula": rs[0]["state_bytes_formula"],
+                           "seq_len": rs[0]["seq_len"],
+                           **{k: rs[0][k] for k in rs[0] if k not in _ROW_KEYS}}
+        longest = max(cells.values(), key=lambda c: c["seq_len"])
+        models[model] = {
+            "lr": lr, "lrs_tried": sorted({r["lr"] for r in rows if r["model"] == model}),
+            "cells": cells, "mean_test_acc": float(np.mean([c["test_acc"] for c in
+                                                            cells.values()])),
+            "mean_val_acc": float(np.mean([c["val_acc"] for c in cells.values()])),
+            "state_bytes_at_longest": longest["state_bytes"],
+            "longest_seq_len": longest["seq_len"], "params": sel[0]["params"],
+            "oracle_mask": sel[0]["oracle_mask"], "seeds": sorted({r["seed"] for r in sel}),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in sel
+                                            if r["cell"] == sel[0]["cell"]]))}
+    return models
+
+
+_ROW_KEYS = {"grid", "task", "model", "seed", "lr", "cell", "seq_len", "val_acc", "test_acc",
+             "n_val", "n_test", "state_bytes", "state_bytes_formula", "params",
+             "oracle_mask", "steps", "batch_size", "train_seconds", "final_loss", "job"}
+
+
+def _label(model: str, s: dict) -> str:
+    return f"{model} (oracle prefix mask)" if s["oracle_mask"] else model
+
+
+SHORT = {"num_kv_pairs": "M", "gap": "gap", "input_seq_len": "L", "seq_len": "L", "n": "n"}
+
+
+def _cell_label(cell: dict, axes) -> str:
+    keys = [k for k in axes if k in cell] or sorted(k for k in cell if k in SHORT)
+    return " ".join(f"{SHORT.get(k, k)}={cell[k]}" for k in keys)
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    grid = meta["grid"]
+    models = summary
+    cells = list(next(iter(models.values()))["cells"])
+    first = next(iter(models.values()))["cells"]
+    labels = {c: _cell_label(first[c], grid["axes"]) for c in cells}
+    acc_rows, byte_rows = [], []
+    for model, s in models.items():
+        rec = {"model": _label(model, s)}
+        for c in cells:
+            x = s["cells"].get(c)
+            if x is None:
+                rec[labels[c]] = None
+            elif len(x["seeds"]) > 1:
+                rec[labels[c]] = f"{x['test_acc']:.3f} ± {x['test_std']:.3f}"
+            else:
+                rec[labels[c]] = f"{x['test_acc']:.3f}"
+        rec["mean"] = f"{s['mean_test_acc']:.3f}"
+        rec["LR"] = f"{s['lr']:g}"
+        rec["params"] = s["params"]
+        acc_rows.append(rec)
+        brec = {"model": _label(model, s)}
+        for c in cells:
+            x = s["cells"].get(c)
+            brec[labels[c]] = None if x is None else x["state_bytes"]
+        byte_rows.append(brec)
+    seeds = sorted({x for s in models.values() for x in s["seeds"]})
+    lrs = sorted({x for s in models.values() for x in s["lrs_tried"]})
+    env = meta.get("env", {})
+    workers, threads = meta.get("workers", 1), meta.get("threads_per_worker")
+    compute = (f"{workers} worker process(es) × {threads} torch thread(s)" if threads
+               else f"{env.get('threads', '?')} torch threads")
+    wall = meta.get("wall_seconds_this_run")
+    timing = (f" Wall time {wall:.0f} s for the {meta.get('jobs_run')} runs trained in that "
+              "invocation." if wall and meta.get("jobs_run") else "")
+    length = (f"{grid['steps']} steps" if grid.get("train_examples") is None
+              else f"{grid['epochs']} epochs of a fixed set")
+    head = (f"Task `{grid['task']}`, grid `{grid['name']}` ({grid['train']} training, "
+            f"{length}, batch {grid['batch_size']}); test accuracy per cell "
+            f"({grid['n_test']} held-out "
+            f"examples per cell, test seeds ≥ 2³¹), mean over seeds {seeds}. Learning rates "
+            f"tried: {lrs} (column LR: the model's LR; with several, the best by validation "
+            "accuracy, never by test). "
+            f"Measured on {env.get('device', '?')} ({env.get('device_name', '')}, "
+            f"{env.get('cpu_count', '?')} cores), torch {env.get('torch', '?')}, {compute}."
+            f"{timing}\n\n")
+    note = ("\nState bytes of the decode state after prefilling each cell's sequence "
+            "(measured `kvfree.state_bytes`, fp32, all layers; attention's KV cache grows "
+            "with the length):\n\n")
+    foot = ""
+    if grid["task"] == "mqar_gap":
+        ms = sorted({first[c]["num_kv_pairs"] for c in cells if "num_kv_pairs" in first[c]})
+        shortcut = ", ".join(f"{sum(1 / i for i in range(1, m + 1)) / m:.2f} (M = {m})"
+                             for m in ms)
+        foot = ("\nReference points: chance is 1/64 = 0.016; a model that matches no key but "
+                "answers with a context value not yet queried (every key is queried once) "
+                f"scores H_M/M = {shortcut}.\n")
+    return (head + markdown_table(acc_rows) + foot + note + markdown_table(byte_rows)
+            + ("\nSKA rows marked *oracle prefix mask* receive the query boundary from the task "
+               "(ska.md §16); the unmarked SKA row is the headline, causal, without a mask.\n"
+               if any(s["oracle_mask"] for s in models.values()) else ""))
+
+
+def write_outputs(out_dir: str | Path, rows: list[dict], meta: dict, plots: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarise(rows)
+    write_json(out_dir / "summary.json", {"meta": meta, "models": summary})
+    md = markdown(summary, meta)
+    atomic_write(out_dir / "recall.md", md)
+    files = [out_dir / "results.jsonl", out_dir / "summary.json", out_dir / "recall.md"]
+    if plots:
+        files += make_plots(out_dir, summary, meta)
+    return {"summary": summary, "markdown": md, "files": [str(f) for f in files], "meta": meta}
+
+
+def make_plots(out_dir: Path, summary: dict, meta: dict) -> list[Path]:
+    from kvfree.report.plots import accuracy_vs_state, heatmap
+
+    rk, ck = meta["grid"]["axes"]
+    files = []
+    for model, s in summary.items():
+        vals = {(c[rk], c[ck]): c["test_acc"] for c in s["cells"].values()
+                if rk in c and ck in c}
+        if not vals:
+            continue
+        rows_ = sorted({k[0] for k in vals})
+        cols_ = sorted({k[1] for k in vals})
+        safe = model.replace("/", "_").replace("[", "_").replace("]", "").replace("=", "")
+        files.append(heatmap(vals, rows_, cols_, out_dir / f"heatmap_{safe}.png",
+                             title=f"{_label(model, s)}: test accuracy ({meta['grid']['task']})",
+                             row_label=rk, col_label=ck))
+    points = [{"model": _label(m.split("[")[0], s), "state_bytes": s["state_bytes_at_longest"],
+               "accuracy": s["mean_test_acc"]} for m, s in summary.items()]
+    files.append(accuracy_vs_state(points, out_dir / "acc_vs_state.png",
+                                   title=f"{meta['grid']['task']} ({meta['grid']['name']}): mean "
+                                         "test accuracy vs state bytes"))
+    return files
+
+
+def report(run_dir: str | Path, plots: bool = True) -> dict:
+    """Regenerate summary, markdown and plots from ``run_dir/results.jsonl``."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `kvfree bench recall --out {run_dir}` "
+                                "first")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    meta = json.loads((run_dir / "summary.json").read_text())["meta"]
+    return write_outputs(run_dir, rows, meta, plots=plots)

@@ -1,0 +1,107 @@
+"""PNG plots from result records (matplotlib with the Agg backend, imported lazily).
+
+    capacity_plot(rows, path)          accuracy vs N/d, one panel per (ρ, d), a line per method
+    heatmap(grid, rows, cols, path)    accuracy over gap × pairs for one model
+    accuracy_vs_state(points, path)    the field's standard plot: accuracy vs state bytes (log x)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
+    plt = _plt()
+    dims = sorted({r["d"] for r in rows})
+    rhos = sorted({r["rho"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(len(rhos), len(dims), figsize=(4 * len(dims), 3 * len(rhos)),
+                             squeeze=False, sharey=True)
+    for i, rho in enumerate(rhos):
+        for j, d in enumerate(dims):
+            ax = axes[i][j]
+            for m in methods:
+                sel = sorted((r for r in rows if r["d"] == d and r["rho"] == rho
+                              and r["method"] == m), key=lambda r: r["ratio"])
+                ax.plot([r["ratio"] for r in sel], [r[metric] for r in sel], marker="o", ms=3,
+                        label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"d = {d}, ρ = {rho}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            if i == len(rhos) - 1:
+                ax.set_xlabel("N / d")
+            if j == 0:
+                ax.set_ylabel(metric)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Retrieval accuracy vs stored pairs per dimension (no training)")
+    fig.subplots_adjust(hspace=0.4)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def heatmap(values: dict[tuple, float], row_keys: list, col_keys: list, path, *, title: str,
+            row_label: str, col_label: str) -> Path:
+    """``values[(row, col)]`` → colour; missing cells are blank."""
+    import numpy as np
+
+    plt = _plt()
+    grid = np.full((len(row_keys), len(col_keys)), np.nan)
+    for i, r in enumerate(row_keys):
+        for j, c in enumerate(col_keys):
+            if (r, c) in values:
+                grid[i, j] = values[(r, c)]
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_keys) + 2, 0.7 * len(row_keys) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(col_keys)), [str(c) for c in col_keys])
+    ax.set_yticks(range(len(row_keys)), [str(r) for r in row_keys])
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    for i in range(len(row_keys)):
+        for j in range(len(col_keys)):
+            if grid[i, j] == grid[i, j]:
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(title, fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def accuracy_vs_state(points: list[dict], path, *, title: str) -> Path:
+    """points: {"model", "state_bytes", "accuracy"[, "label"]}; one marker per point."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(p["model"] for p in points):
+        sel = sorted((p for p in points if p["model"] == model), key=lambda p: p["state_bytes"])
+        ax.plot([p["state_bytes"] for p in sel], [p["accuracy"] for p in sel], marker="o",
+                label=model)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("state bytes (fp32, at the longest evaluated length)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,64 @@
+"""The FDM MQAR protocol runner on a tiny budget: outputs, metrics, resume, and that the
+runner's shortcuts (trailing PAD dropped, LM head only on query positions) are exact."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvfree.bench import fdm_mqar as bench
+from kvfree.models import LanguageModel, preset
+from kvfree.tasks import IGNORE, make
+
+
+def test_splits_are_disjoint_and_sized():
+    sp = bench.splits(10_000, bench.Protocol())
+    assert [len(sp[k]) for k in ("test", "val", "train")] == [1000, 900, 8100]
+    assert sp["test"][0] == 0 and sp["test"][-1] == 999  # the paper: first 10 % is test
+    allidx = np.concatenate(list(sp.values()))
+    assert len(np.unique(allidx)) == 10_000
+
+
+@pytest.mark.parametrize("name", ["fdm-mqar-k16", "fdm-mqar-k0", "fdm-mqar-transformer-rope"])
+def test_truncation_and_scored_logits_are_exact(name):
+    torch.manual_seed(0)
+    model = LanguageModel(preset(name)).double().eval()
+    d = make("fdm_mqar", 42, num_examples=6)
+    cut = bench.scored_length(d.labels)
+    assert cut == 24
+    ids, labels = torch.from_numpy(d.inputs), torch.from_numpy(d.labels)
+    with torch.no_grad():
+        full, _ = model(ids)
+        logits, lab = bench.scored_logits(model, ids[:, :cut], labels[:, :cut])
+    sel = labels != IGNORE
+    assert (logits - full[sel]).abs().max() < 1e-10
+    assert torch.equal(lab, labels[sel])
+
+
+def test_tiny_protocol_run(tmp_path):
+    p = bench.Protocol(epochs=2, num_examples=150, batch_size=64)
+    res = bench.run(tmp_path, models=("fdm-k16", "transformer"), settings=("easy",),
+                    seeds=(0, 1), protocol=p, device="cpu", progress=False)
+    assert (tmp_path / "fdm_mqar.json").exists() and (tmp_path / "fdm_mqar.md").exists()
+    saved = json.loads((tmp_path / "fdm_mqar.json").read_text())
+    assert len(saved["runs"]) == 4 and saved["protocol"]["epochs"] == 2
+    for r in res["runs"]:
+        assert 0 <= r["final_test_acc"] <= 1 and r["trained_len"] == 24
+        assert r["test_acc_at_best_val"] <= r["max_test_acc_over_epochs"]
+        assert r["final_test_acc"] <= r["max_test_acc_over_epochs"]
+    md = (tmp_path / "fdm_mqar.md").read_text()
+    assert "0.966" in md and "fdm-k16" in md  # the paper's number is shown next to ours
+    first = json.loads((tmp_path / "runs" / "fdm-k16-easy-s0.json").read_text())
+    assert len(first["curve"]) == 2
+    # resume: a second call reuses the finished runs (same numbers, no retraining)
+    again = bench.run(tmp_path, models=("fdm-k16",), settings=("easy",), seeds=(0,),
+                      protocol=p, device="cpu", progress=False)
+    assert again["runs"][0]["seconds"] == first["seconds"]
+
+
+def test_unknown_model_or_setting():
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.run_one("mamba", "easy", 0, bench.Protocol(epochs=1))
+    with pytest.raises(ValueError, match="unknown setting"):
+        bench.run_one("fdm-k0", "extreme", 0, bench.Protocol(epochs=1))
