@@ -1,3 +1,16 @@
 """Every CLI command module; importing this package registers them on ``kvfree.cli.app``."""
 
-from kvfree.commands import bench_kernels, demo, info  # noqa: F401
+from kvfree.commands import (  # noqa: F401
+    bench_capacity,
+    bench_decode,
+    bench_fdm_mqar,
+    bench_kernels,
+    bench_recall,
+    data,
+    demo,
+    eval,
+    generate,
+    info,
+    report_lm,
+    train,
+)

@@ -15,6 +15,11 @@ from kvfree.utils import unknown_keys_error
 
 _PRESET_MODULES = (
     "kvfree.models.presets_base",
+    "kvfree.models.presets_recall",
+    "kvfree.models.presets_echo",
+    "kvfree.models.presets_decode",
+    "kvfree.models.presets_fdm",
+    "kvfree.models.presets_lm",
 )
 
 

@@ -1,0 +1,149 @@
+"""Peak-memory probes for one decode measurement (prefill and decode phases, separately).
+
+CPU (Linux). The kernel keeps the process's resident-set high-water mark ``VmHWM`` next to the
+current ``VmRSS`` in ``/proc/self/status``; writing ``5`` to ``/proc/self/clear_refs`` resets
+the high-water mark to the current RSS (proc(5)). A phase's peak above its start is therefore
+``VmHWM`` after the phase minus ``VmRSS`` when it began: exact to a page, nothing sampled.
+Before each reset, glibc's free lists are handed back to the kernel with ``malloc_trim(0)``,
+so memory that an earlier phase freed but the allocator kept cached is not charged to a later
+phase. Where ``clear_refs`` cannot be written, a thread samples ``VmRSS`` every millisecond
+instead; the method used is recorded with every measurement.
+
+CUDA. ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated`` (the caching
+allocator's live bytes, the figure the FDM paper reported) minus ``memory_allocated`` at the
+start of the phase; ``max_memory_reserved`` is kept as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import torch
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """The named ``/proc/self/status`` fields (``VmRSS``, ``VmHWM``, …) in KiB."""
+    out: dict[str, int] = {}
+    with open(_STATUS) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0])
+    missing = set(keys) - set(out)
+    if missing:
+        raise RuntimeError(f"{_STATUS} has no field(s) {sorted(missing)}; RSS probes need Linux")
+    return out
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process, in bytes."""
+    return proc_status_kib("VmRSS")["VmRSS"] * 1024
+
+
+def trim_heap() -> bool:
+    """Return glibc's cached free memory to the kernel (``malloc_trim(0)``); False if absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class CpuRssProbe:
+    """Resident-memory peaks on Linux: ``VmHWM`` reset through ``clear_refs`` (or sampling)."""
+
+    def __init__(self, sample_interval_s: float = 1e-3, force_sampling: bool = False):
+        self._sampler: threading.Thread | None = None
+        self._max = 0
+        self._stop = threading.Event()
+        if not force_sampling and self._can_reset_hwm():
+            self.method = ("VmHWM - VmRSS from /proc/self/status, VmHWM reset by writing 5 to "
+                           "/proc/self/clear_refs; malloc_trim(0) before each phase")
+        else:
+            self.method = (f"VmRSS sampled every {1e3 * sample_interval_s:g} ms by a thread; "
+                           "malloc_trim(0) before each phase")
+            self._interval = sample_interval_s
+            self._max = rss_bytes()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+
+    @staticmethod
+    def _can_reset_hwm() -> bool:
+        try:
+            with open(_CLEAR_REFS, "w") as f:
+                f.write("5")
+            proc_status_kib("VmHWM", "VmRSS")
+            return True
+        except (OSError, RuntimeError):
+            return False
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, rss_bytes())
+            time.sleep(self._interval)
+
+    def current(self) -> int:
+        return rss_bytes()
+
+    def reset(self) -> int:
+        """Trim the heap, restart the peak at the current RSS and return that RSS (bytes)."""
+        trim_heap()
+        if self._sampler is None:
+            with open(_CLEAR_REFS, "w") as f:
+                f.write("5")
+            return proc_status_kib("VmRSS")["VmRSS"] * 1024
+        now = rss_bytes()
+        self._max = now
+        return now
+
+    def peak(self) -> int:
+        """Highest RSS (bytes) since the last :meth:`reset`."""
+        if self._sampler is None:
+            return proc_status_kib("VmHWM")["VmHWM"] * 1024
+        self._max = max(self._max, rss_bytes())
+        return self._max
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class CudaProbe:
+    """CUDA caching-allocator peaks (``max_memory_allocated``) for one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+                       "memory_allocated at the start of the phase")
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset(self) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reserved_peak(self) -> int:
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def close(self) -> None:
+        pass
+
+
+def make_probe(device: torch.device | str, force_sampling: bool = False):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CudaProbe(device)
+    if device.type != "cpu":
+        raise ValueError(f"no memory probe for device {device}; use cpu or cuda")
+    return CpuRssProbe(force_sampling=force_sampling)

@@ -1,0 +1,69 @@
+"""Plots of ``kvfree bench decode`` results: memory vs N and ms/token vs N (log axes, PNG)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+MiB = 2**20
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[r["model"]].append(r)
+    return {m: sorted(rs, key=lambda r: r["n"]) for m, rs in out.items()}
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    ax.set_xlabel("prompt length N (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_memory(rows: list[dict], path: str | Path) -> Path:
+    """Decode peak above the loaded model (solid) and carried state bytes (dashed) vs N."""
+    plt, fig, ax = _figure()
+    for i, (model, rs) in enumerate(_series(rows).items()):
+        color = f"C{i % 10}"
+        n = [r["n"] for r in rs]
+        peak = [max(r["decode_peak_bytes"], 1) / MiB for r in rs]
+        state = [max(r["state_bytes"], 1) / MiB for r in rs]
+        ax.plot(n, peak, "o-", color=color, label=f"{model}: decode peak")
+        ax.plot(n, state, "x--", color=color, alpha=0.7, label=f"{model}: state_bytes")
+    return _save(plt, fig, ax, path, "Decode memory above the loaded model", "MiB")
+
+
+def plot_latency(rows: list[dict], path: str | Path) -> Path:
+    """Median decode ms/token vs N, with the p10–p90 spread as error bars."""
+    plt, fig, ax = _figure()
+    for i, (model, rs) in enumerate(_series(rows).items()):
+        n = [r["n"] for r in rs]
+        med = [r["decode_ms_median"] for r in rs]
+        lo = [m - r["decode_ms_p10"] for m, r in zip(med, rs)]
+        hi = [r["decode_ms_p90"] - m for m, r in zip(med, rs)]
+        ax.errorbar(n, med, yerr=[lo, hi], fmt="o-", color=f"C{i % 10}", capsize=2,
+                    label=model)
+    return _save(plt, fig, ax, path, "Per-token decode latency (median, p10–p90)", "ms / token")
