@@ -32,11 +32,7 @@ def point(name: str, n: int, **kw) -> dict:
     return measure_point(spec)
 
 
-# FDM's heap indices are int64 (8 B) while its formula is counted at the state dtype's 4 B.
-_KNOWN = {n: "FDM cache heap indices are int64: 8 B each vs 4 B in formula × bytes (fp32)"
-          for n in ("fdm", "lgcache")}
-MIXERS = [pytest.param(n, marks=pytest.mark.xfail(reason=_KNOWN[n])) if n in _KNOWN else n
-          for n in available()]
+MIXERS = available()
 
 
 @pytest.mark.parametrize("name", MIXERS)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kvfree.bench.decode_worker import RESULT_TAG, PointSpec, element_bytes, measure_point
+from kvfree.bench.decode_worker import DTYPES, RESULT_TAG, PointSpec, element_bytes, measure_point
 from kvfree.models import LanguageModel
 from kvfree.models import preset as get_preset
 from kvfree.utils import default_device, environment
@@ -128,7 +128,7 @@ def kv_prealloc_overrides(model: LanguageModel, total_len: int) -> dict:
 
 
 def analytic_state_bytes(model: LanguageModel, n: int, batch: int, dtype: str) -> int:
-    return batch * element_bytes(dtype) * sum(int(m.state_size(n)) for m in model.mixers())
+    return batch * sum(m.state_nbytes(n, DTYPES[dtype]) for m in model.mixers())
 
 
 def predicted_seconds(prev: dict, n: int) -> float:

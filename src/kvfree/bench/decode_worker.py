@@ -140,14 +140,15 @@ def storage_bytes(state: Any) -> int:
 
 
 def layer_accounting(model: LanguageModel, state: ModelState, seq_len: int, batch: int,
-                     elem: int) -> list[dict]:
-    """Per layer: mixer, formula, analytic count × bytes, and the measured carried bytes."""
+                     dtype: torch.dtype) -> list[dict]:
+    """Per layer: mixer, formula, analytic count and bytes, and the measured carried bytes."""
     rows = []
     for i, (mixer, s) in enumerate(zip(model.mixers(), state.layers)):
         elems = int(mixer.state_size(seq_len)) * batch
         rows.append({"layer": i, "mixer": model.config.layers[i],
                      "fixed_memory": bool(mixer.fixed_memory), "formula": mixer.state_formula(),
-                     "analytic_elements": elems, "analytic_bytes": elems * elem,
+                     "analytic_elements": elems,
+                     "analytic_bytes": mixer.state_nbytes(seq_len, dtype) * batch,
                      "measured_bytes": state_bytes(s), "storage_bytes": storage_bytes(s)})
     return rows
 
@@ -176,7 +177,7 @@ def measure_point(spec: PointSpec, *, force_sampling: bool = False) -> dict:
 def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
     rss_start = rss_bytes()
     model = build_model(spec, device)
-    V, elem = model.config.vocab_size, element_bytes(spec.dtype)
+    V = model.config.vocab_size
     gen = torch.Generator().manual_seed(spec.seed + 1)
     with torch.inference_mode():
         # warm-up on a tiny prompt: loads kernels and allocator pools, then is freed
@@ -196,7 +197,7 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         sync(device)
         prefill_s = time.perf_counter() - t0
         prefill_peak = probe.peak() - base
-        layers = layer_accounting(model, state, spec.n, spec.batch, elem)
+        layers = layer_accounting(model, state, spec.n, spec.batch, DTYPES[spec.dtype])
 
         tok = logits.argmax(-1)  # [B]
         del logits, ids
@@ -211,7 +212,7 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         steady_peak = probe.peak() - base  # the timed steps only
         decode_peak = max(first_peak, steady_peak) if spec.warmup_steps else steady_peak
         end_len = spec.n + spec.warmup_steps + spec.decode_steps
-        layers_end = layer_accounting(model, state, end_len, spec.batch, elem)
+        layers_end = layer_accounting(model, state, end_len, spec.batch, DTYPES[spec.dtype])
 
     timed = [1e3 * t for t in times[spec.warmup_steps:]]
     median_ms = statistics.median(timed)

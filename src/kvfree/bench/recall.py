@@ -137,7 +137,7 @@ def measure_state(model, data: TaskData, mask: str | None, device) -> tuple[int,
         _, state = model.prefill(b["inputs"], mask=b.get("mask"))
     measured = state_bytes(state)
     try:
-        formula = 4 * sum(m.state_size(data.seq_len) for m in model.mixers())
+        formula = sum(m.state_nbytes(data.seq_len) for m in model.mixers())
     except (NotImplementedError, AttributeError, TypeError):
         formula = None
     return measured, formula

@@ -87,6 +87,13 @@ class Mixer(nn.Module):
         """Carried state elements per layer after ``seq_len`` tokens (analytic count)."""
         raise NotImplementedError
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Carried bytes per sequence after ``seq_len`` tokens for a model in ``dtype``.
+
+        Default: ``state_size × itemsize``. Mixers whose state mixes dtypes (fp32 scan states
+        in a bf16 model, int64 indices) override it, so the analytic figure stays exact."""
+        return int(self.state_size(seq_len)) * torch.empty((), dtype=dtype).element_size()
+
     # ----- to implement ---------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, state: Any, mask: torch.Tensor | None):
         raise NotImplementedError

@@ -159,6 +159,10 @@ class FanScan(Mixer):
     def state_size(self, seq_len: int) -> int:
         return (2 * self.passes + self.conv_len) * self.d_model
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """The scan state is kept in fp32 (fp64 for a float64 model) whatever the model dtype."""
+        return self.state_size(seq_len) * torch.empty((), dtype=real_dtype(dtype)).element_size()
+
     # ----- score path: s_t and p_t ---------------------------------------------------------
     def _positions(self, pos: int, T: int, device, dtype) -> torch.Tensor:
         return torch.arange(pos, pos + T, device=device, dtype=dtype)

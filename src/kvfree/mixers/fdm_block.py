@@ -141,6 +141,12 @@ class FDMBlock(Mixer):
             n += fc.cache_size(self.d_model, self.window, self.top_k)
         return n
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        n = self.wave.state_nbytes(seq_len, dtype)
+        if self.has_cache:
+            n += fc.cache_nbytes(self.d_model, self.window, self.top_k, dtype)
+        return n
+
     # ----- pieces --------------------------------------------------------------------------------
     def _score_input(self, x):
         return self.ln_x(x) if self.ln_x is not None else self.ln_1(x)

@@ -56,6 +56,12 @@ def cache_size(d: int, window: int, top_k: int) -> int:
     return (window + top_k) * d + 2 * top_k
 
 
+def cache_nbytes(d: int, window: int, top_k: int, dtype: torch.dtype) -> int:
+    """Carried bytes: ring and heap in ``dtype``, scores in the scan dtype, int64 indices."""
+    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    return (window + top_k) * d * size(dtype) + top_k * (size(real_dtype(dtype)) + 8)
+
+
 def ring_indices(pos: int, window: int, device=None) -> torch.Tensor:
     """[W] token index held by each ring slot after ``pos`` tokens (−1 if empty)."""
     r = torch.arange(window, device=device)

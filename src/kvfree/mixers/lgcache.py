@@ -74,6 +74,9 @@ class LocalGlobalCache(Mixer):
     def state_size(self, seq_len: int) -> int:
         return fc.cache_size(self.d_model, self.window, self.top_k)
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return fc.cache_nbytes(self.d_model, self.window, self.top_k, dtype)
+
     def _score(self, x):
         """s = w_s·x + b_s in fp32 (float64 for float64 inputs), even for a bf16 model."""
         with torch.autocast(x.device.type, enabled=False):
