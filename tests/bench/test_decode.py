@@ -201,7 +201,7 @@ def test_outputs_and_readme_section(tmp_path):
     once = readme.read_text()
     rep.update_readme(readme, section)
     assert readme.read_text() == once  # replaced in place, not appended twice
-    assert once.startswith("# title\n\nintro\n") and once.count(rep.README_START) == 1
+    assert once.startswith("# title\n\nintro\n") and once.count("<!-- BEGIN decode -->") == 1
 
 
 def test_cli_bench_and_report(tmp_path):
@@ -218,6 +218,6 @@ def test_cli_bench_and_report(tmp_path):
     readme = tmp_path / "README.md"
     res = CliRunner().invoke(app, ["report", "decode", str(out), "--readme", str(readme)])
     assert res.exit_code == 0, res.output
-    assert rep.README_START in readme.read_text()
+    assert "<!-- BEGIN decode -->" in readme.read_text()
     res = CliRunner().invoke(app, ["bench", "decode", "--suite", "nope"])
     assert res.exit_code != 0 and "unknown suite" in res.output
