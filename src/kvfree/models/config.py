@@ -30,7 +30,8 @@ class ModelConfig:
     max_len: int | None = None  # hard limit on positions; required with pos_emb="learned"
     tie_embeddings: bool = True
     dropout: float = 0.0  # embedding dropout
-    init_std: float = 0.02
+    init_std: float = 0.02  # embeddings (and learned positions)
+    head_init_std: float | None = None  # untied output head; None: init_std
     final_norm: bool = True
 
     def __post_init__(self):

@@ -55,7 +55,7 @@ class LanguageModel(nn.Module):
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=c.init_std)
         if self.head is not None:
-            nn.init.normal_(self.head.weight, std=c.init_std)
+            nn.init.normal_(self.head.weight, std=c.head_init_std or c.init_std)
 
     # ----- helpers ---------------------------------------------------------------------------
     def mixers(self) -> list[nn.Module]:

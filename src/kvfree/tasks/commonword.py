@@ -22,7 +22,15 @@ from kvfree.tasks.base import (
     make_rng,
     random_permutations,
 )
-from kvfree.tasks.suite import A_LO, CNT, SET_SIZE, VOCAB, place_records, prefix_before
+from kvfree.tasks.suite import (
+    A_LO,
+    CNT,
+    SET_SIZE,
+    VOCAB,
+    check_count_and_length,
+    place_records,
+    prefix_before,
+)
 
 REPEATS = 3
 
@@ -41,11 +49,7 @@ def min_length(n: int) -> int:
 def generate(cfg: Config, seed: int):
     seed = check_seed(seed)
     N, L, n = cfg.num_examples, cfg.seq_len, cfg.n
-    if not 1 <= n <= SET_SIZE:
-        raise ValueError(f"n must be in [1, {SET_SIZE}], got {n}")
-    if min_length(n) > L:
-        raise ValueError(f"commonword with n={n} needs seq_len ≥ {min_length(n)}, got {L} "
-                         "(infeasible)")
+    check_count_and_length("commonword", n, L, min_length(n))
     rng = make_rng(seed)
     words = distinct_draws(rng, N, n, A_LO, A_LO + SET_SIZE)  # words[:, 0] is the target
     bag = np.concatenate([np.repeat(words[:, :1], REPEATS, 1), words[:, 1:]], 1)  # [N, n + 2]

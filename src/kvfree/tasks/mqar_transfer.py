@@ -28,6 +28,7 @@ from kvfree.tasks.suite import (
     SET_SIZE,
     VAL_LO,
     VOCAB,
+    check_count_and_length,
     prefix_before,
 )
 
@@ -46,11 +47,7 @@ def min_length(n: int) -> int:
 def generate(cfg: Config, seed: int):
     seed = check_seed(seed)
     N, L, n = cfg.num_examples, cfg.seq_len, cfg.n
-    if not 1 <= n <= SET_SIZE:
-        raise ValueError(f"n must be in [1, {SET_SIZE}], got {n}")
-    if min_length(n) > L:
-        raise ValueError(f"mqar_transfer with n={n} needs seq_len ≥ {min_length(n)}, got {L} "
-                         "(infeasible)")
+    check_count_and_length("mqar_transfer", n, L, min_length(n))
     rng = make_rng(seed)
     keys = distinct_draws(rng, N, n, A_LO, A_LO + SET_SIZE)
     vals = distinct_draws(rng, N, n, VAL_LO, VAL_LO + SET_SIZE)

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvfree.tasks.base import IGNORE, check_seed, distinct_draws, finish, make_rng
-from kvfree.tasks.suite import A_LO, QRY, SET_SIZE, VAL_LO, VOCAB, place_records, prefix_before
+from kvfree.tasks.suite import (
+    A_LO,
+    QRY,
+    SET_SIZE,
+    VAL_LO,
+    VOCAB,
+    check_count_and_length,
+    place_records,
+    prefix_before,
+)
 
 TRAIN_LEN = 64
 TEST_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -38,10 +47,7 @@ def min_length(n: int) -> int:
 def generate(cfg: Config, seed: int):
     seed = check_seed(seed)
     N, L, n = cfg.num_examples, cfg.seq_len, cfg.n
-    if not 1 <= n <= SET_SIZE:
-        raise ValueError(f"n must be in [1, {SET_SIZE}], got {n}")
-    if min_length(n) > L:
-        raise ValueError(f"niah with n={n} needs seq_len ≥ {min_length(n)}, got {L} (infeasible)")
+    check_count_and_length("niah", n, L, min_length(n))
     rng = make_rng(seed)
     keys = distinct_draws(rng, N, n, A_LO, A_LO + SET_SIZE)
     vals = distinct_draws(rng, N, n, VAL_LO, VAL_LO + SET_SIZE)

@@ -82,6 +82,14 @@ def prefix_before(first_query: np.ndarray, L: int) -> np.ndarray:
     return (np.arange(L)[None, :] < np.asarray(first_query)[:, None]).astype(np.uint8)
 
 
+def check_count_and_length(task: str, n: int, L: int, needed: int) -> None:
+    """Clear errors for a KV count outside [1, SET_SIZE] or a length below the task's minimum."""
+    if not 1 <= n <= SET_SIZE:
+        raise ValueError(f"{task}: n must be in [1, {SET_SIZE}], got {n}")
+    if needed > L:
+        raise ValueError(f"{task} with n={n} needs seq_len ≥ {needed}, got {L} (infeasible)")
+
+
 def min_length(task: str, n: int, **options) -> int:
     """The shortest L at which ``task`` with KV count ``n`` is feasible."""
     from kvfree.tasks.base import task_module
