@@ -30,7 +30,8 @@ RUNS = {
     "ska-token": ("echo-recall-ska", False, {}),
     "ska-chunk": ("echo-recall-ska-chunk", False, {}),
     "ska-token-beta": ("echo-recall-ska", False, {"beta_gate": True}),
-    "ska-prefix": ("echo-recall-ska-prefix", True, {}),
+    "ska-prefix": ("echo-recall-ska-prefix", True, {}),  # seqmax, as the paper
+    "ska-prefix-l2": ("echo-recall-ska-prefix", True, {"norm": "l2"}),
     "ska-chunk-k0": ("echo-recall-ska-chunk", False, {"K": 0}),
     "ska-token-k0": ("echo-recall-ska", False, {"K": 0}),
     "ska-prefix-k0": ("echo-recall-ska-prefix", True, {"K": 0}),
@@ -38,8 +39,6 @@ RUNS = {
     "ska-chunk-k0-beta": ("echo-recall-ska-chunk", False, {"K": 0, "beta_gate": True}),
     "ska-chunk-r32": ("echo-recall-ska-chunk", False, {"rank": 32}),
     "ska-chunk-k0-r32": ("echo-recall-ska-chunk", False, {"rank": 32, "K": 0}),
-    "ska-prefix-seqmax": ("echo-recall-ska-prefix", True, {"norm": "seqmax"}),
-    "ska-prefix-seqmax-k0": ("echo-recall-ska-prefix", True, {"norm": "seqmax", "K": 0}),
     "mamba2": ("echo-recall-mamba2", False, None),
     "mamba2-attention": ("echo-recall-mamba2", False, "attention"),
 }
@@ -94,7 +93,7 @@ def accuracy_by_pair(model, inputs, labels, mask, use_mask) -> list[float]:
     return [round(ok[slot == i].mean().item(), 3) for i in range(M)]
 
 
-def train_recall(name: str, *, steps: int = 1500, lr: float = 3e-3, batch: int = 64,
+def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int = 64,
                  seed: int = 0, eval_every: int = 100, n_eval: int = 1000,
                  weight_decay: float = 0.1, grad_clip: float = 1.0,
                  verbose: bool = False, **model_kw) -> dict:

@@ -16,6 +16,7 @@ project's Mamba-2 (mamba_ssm layout: expand 2, head_dim 64, ngroups 1) — see `
 from __future__ import annotations
 
 from kvfree.models.config import ModelConfig
+from kvfree.models.presets_recall import INIT_STD as RECALL_INIT_STD
 
 # ----- sub-million synthetic models (paper §4.1, Table 3; repo configs/1m.yaml) -------------
 _SMALL = dict(vocab_size=128, d_model=128, mlp="swiglu", tie_embeddings=True)
@@ -62,15 +63,18 @@ def echo_180m() -> ModelConfig:
 
 
 # ----- the CPU recall experiment (tests/slow/test_ska_recall.py) ----------------------------
-_RECALL = dict(vocab_size=192, d_model=64, mlp="swiglu")
+_RECALL = dict(vocab_size=192, d_model=64, mlp="swiglu", init_std=RECALL_INIT_STD)
 _MAMBA_RECALL = dict(expand=2, head_dim=32, d_state=16)
 
 
 def echo_recall_ska(mode: str = "token") -> ModelConfig:
-    """2 layers, Mamba-2 then SKA (4 heads × r 16, P 16) at d = 64 for mqar_gap."""
+    """2 layers, Mamba-2 then SKA (4 heads × r 16, P 16) at d = 64 for mqar_gap. The prefix
+    (oracle-mask) variant normalises by the sequence max as the paper does for MQAR (§3);
+    causal modes must use ℓ2."""
+    norm = "seqmax" if mode == "prefix" else "l2"
     return ModelConfig(layers=["mamba2", "ska"], mixer_options={
         "mamba2": _MAMBA_RECALL,
-        "ska": dict(num_heads=4, rank=16, chunk_size=16, mode=mode)}, **_RECALL)
+        "ska": dict(num_heads=4, rank=16, chunk_size=16, mode=mode, norm=norm)}, **_RECALL)
 
 
 def echo_recall_mamba2() -> ModelConfig:

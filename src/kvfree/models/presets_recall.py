@@ -6,9 +6,14 @@
 | recall-attention         | attention ×2 (RoPE, 2 h) | KV cache, grows with the length          |
 | recall-mamba2            | mamba2 ×2 (N = 16)       | fixed                                    |
 | recall-gdn               | gated_deltanet ×2 (2 h)  | fixed                                    |
-| recall-mamba2-ska        | mamba2, ska (chunk mode) | fixed; **no mask** (the headline)        |
+| recall-mamba2-ska        | mamba2, ska (chunk, β)   | fixed; **no mask** (the headline)        |
 | recall-mamba2-ska-prefix | mamba2, ska (prefix)     | fixed; **oracle** prefix mask, seqmax    |
 | recall-fdm               | fdm ×2 (MQAR variant)    | fixed: scan + global top-16 cache        |
+
+The causal SKA row uses the β write gate (ska.md §4): with ℓ2-normalised keys every token
+writes with unit strength, and without the gate the 2-layer model stayed at the H_M/M plateau
+(0.34 at M = 8, gap 64, after 1 750 steps of batch 64) while with it reached 0.82 after 1 500.
+The oracle-mask row divides by the sequence max (seqmax) as the paper does for MQAR.
 
 Which presets read the oracle mask is decided by :func:`oracle_mask` (SKA in prefix/masked
 mode). ``vocab_size`` is overridden by the bench for other tasks.
@@ -41,7 +46,7 @@ PRESETS = {
     "recall-gdn": lambda: _cfg(["gated_deltanet", "gated_deltanet"],
                                gated_deltanet=dict(num_heads=2)),
     "recall-mamba2-ska": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
-                                      ska=dict(_SKA, mode="chunk")),
+                                      ska=dict(_SKA, mode="chunk", beta_gate=True)),
     "recall-mamba2-ska-token": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
                                             ska=dict(_SKA, mode="token")),
     "recall-mamba2-ska-prefix": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
