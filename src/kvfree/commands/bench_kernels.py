@@ -16,6 +16,8 @@ def bench_kernels(
     batch: int = typer.Option(1, help="Batch size."),
     repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    readme: str = typer.Option(None, help="Also write the table into this README (section "
+                               "'kernels')."),
 ) -> None:
     """Time each mixer's parallel (chunked) form against its per-token loop."""
     from kvfree.bench.kernels import run
@@ -24,3 +26,8 @@ def bench_kernels(
               repeats, device)
     print(res["markdown"])
     print(f"wrote {out}/kernels.json and {out}/kernels.md")
+    if readme:
+        from kvfree.report.tables import update_readme_section
+
+        path = update_readme_section(readme, "kernels", res["markdown"])
+        print(f"updated section 'kernels' of {path}")
