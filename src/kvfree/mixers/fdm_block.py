@@ -132,7 +132,7 @@ class FDMBlock(Mixer):
         f = self.wave.state_formula()
         if self.has_cache:
             W, K, D = self.window, self.top_k, self.d_model
-            f += f" + (W+K)·D + 2K (cache) = ({W}+{K})·{D} + {2 * K}"
+            f += f" + (W+K)·D + 2K (cache; K int64 indices) = ({W}+{K})·{D} + {2 * K}"
         return f
 
     def state_size(self, seq_len: int) -> int:

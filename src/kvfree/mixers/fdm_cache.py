@@ -21,7 +21,8 @@ Why the streaming form is exact: s_j never changes once computed, so the top-K o
 always inside (heap ∪ tokens since the heap was built), and the ring holds exactly
 {t − W, …, t − 1}. A chunk of T new tokens therefore reads from K + W + T candidate slots
 (heap, ring, chunk) with the mask of :func:`chunk_visibility`; an empty state gives the
-training mask (:func:`causal_topk_mask`). State elements: (W + K)·D + 2K.
+training mask (:func:`causal_topk_mask`). State elements: (W + K)·D + 2K
+(K of them int64 heap indices: see :func:`cache_nbytes`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ selector.
 Training form: one masked softmax over (heap, ring, chunk) slots with the mask of
 ``fdm_cache.chunk_visibility`` (O(T·(K+W+T)) like the original's dense mask). Decode form:
 a ring buffer of W entries and a K-slot top-K store (fdm_cache), reproducing that mask.
-State: (W + K)·D + 2K elements (x_j stored, k/v recomputed), independent of the length.
+State: (W + K)·D + 2K elements (x_j stored, k/v recomputed; the K heap indices are int64),
+independent of the length.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class LocalGlobalCache(Mixer):
 
     def state_formula(self) -> str:
         W, K, D = self.window, self.top_k, self.d_model
-        return f"(W+K)·D + 2K = ({W}+{K})·{D} + {2 * K}"
+        return f"(W+K)·D + 2K = ({W}+{K})·{D} + {2 * K} (K scores, K int64 indices)"
 
     def state_size(self, seq_len: int) -> int:
         return fc.cache_size(self.d_model, self.window, self.top_k)
