@@ -7,7 +7,7 @@ without a mask (causal ``token``/``chunk`` modes: the headline) and with the ora
 Run the study by hand (prints accuracy on 1000 held-out examples, the first evaluated step at
 which it reached 0.95, and the wall time):
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m tests.slow.test_ska_recall ska-prefix ska-chunk-beta mamba2
+    OMP_NUM_THREADS=1 python -m tests.slow.test_ska_recall ska-prefix ska-chunk-beta mamba2
 """
 
 from __future__ import annotations

@@ -220,4 +220,4 @@ def run(out_dir: str | Path = "runs/fdm-mqar", models=("fdm-k0", "fdm-k16", "tra
           f"{env['device']} ({env['device_name']}), {env['threads']} threads, torch "
           f"{env['torch']}.\n\n" + markdown_table(summary, cols))
     atomic_write(out_dir / "fdm_mqar.md", md)
-    return result
+    return {**result, "markdown": md}

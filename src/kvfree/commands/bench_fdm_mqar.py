@@ -26,6 +26,8 @@ def bench_fdm_mqar(
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
     resume: bool = typer.Option(True, help="Reuse finished runs found in OUT/runs."),
+    readme: str = typer.Option(None, help="Also write the table into this README (section "
+                               "'fdm-mqar')."),
 ) -> None:
     """Train FDM (K=0, K=16, ...) and Transformers (without / with positions) on FDM's MQAR;
     report final, best-validation and max-over-epochs test accuracy over seeds."""
@@ -50,3 +52,8 @@ def bench_fdm_mqar(
     res = run(out, _list(models), _list(settings), seed_list, p, device, resume=resume)
     print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md "
           f"({res['wall_seconds']:.0f} s)")
+    if readme:
+        from kvfree.report.tables import update_readme_section
+
+        path = update_readme_section(readme, "fdm-mqar", res["markdown"])
+        print(f"updated section 'fdm-mqar' of {path}")
