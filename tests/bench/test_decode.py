@@ -14,7 +14,7 @@ from kvfree.bench import decode as bd
 from kvfree.bench import decode_report as rep
 from kvfree.bench.decode_memory import CpuRssProbe
 from kvfree.bench.decode_worker import PointSpec, measure_point, prefill_last, storage_bytes
-from kvfree.mixers import available, get_mixer_class
+from kvfree.mixers import available, build_mixer, get_mixer_class
 from kvfree.models import LanguageModel, ModelConfig
 from kvfree.state import state_bytes
 
@@ -221,3 +221,15 @@ def test_cli_bench_and_report(tmp_path):
     assert "<!-- BEGIN decode -->" in readme.read_text()
     res = CliRunner().invoke(app, ["bench", "decode", "--suite", "nope"])
     assert res.exit_code != 0 and "unknown suite" in res.output
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", MIXERS)
+def test_state_nbytes_matches_the_carried_state_in_every_dtype(name, dtype):
+    """``state_nbytes`` is exact also where a state mixes dtypes (fp32 scan states or fp32
+    statistics in a bf16 model, FDM's int64 heap indices)."""
+    torch.manual_seed(0)
+    mixer = build_mixer(name, D).to(dtype)
+    with torch.no_grad():
+        _, state = mixer(torch.randn(2, 24, D, dtype=dtype))
+    assert state_bytes(state) == 2 * mixer.state_nbytes(24, dtype), name

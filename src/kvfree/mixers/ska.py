@@ -191,6 +191,10 @@ class SKA(Mixer):
         per = self._per_head() * (2 if self.mode == "chunk" else 1) + self.r + 1
         return self.H * per
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Statistics are kept in fp32 (fp64 for a float64 model) whatever the model dtype."""
+        return self.state_size(seq_len) * upcast(torch.empty(0, dtype=dtype)).element_size()
+
     # ----- helpers -------------------------------------------------------------------------
     def gamma(self, like: torch.Tensor) -> torch.Tensor:
         if self.gamma_raw is None:
