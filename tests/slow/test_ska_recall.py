@@ -164,7 +164,10 @@ if __name__ == "__main__":
                 kw[k] = float(v)
         else:
             names.append(a)
+    from kvfree.report.tables import write_json
+
     for n in names:
         r = train_recall(n, verbose=True, **kw)
         print({k: v for k, v in r.items() if k != "curve"})
         print("  curve:", " ".join(f"{s}:{a:.3f}" for s, a in r["curve"]), flush=True)
+        print("wrote", write_json(f"runs/ska-recall/{n}.json", {**r, "options": kw}))
