@@ -4,6 +4,7 @@ subprocess measurement, the RSS probe, skip logic, summaries and the generated f
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict
 
 import pytest
@@ -43,7 +44,7 @@ def test_state_bytes_equal_formula_at_every_n(name):
             assert layer["measured_bytes"] == layer["analytic_bytes"], (name, r["n"], layer)
         assert r["state_bytes"] == r["state_bytes_analytic"] > 0
         assert r["state_bytes_end"] == r["state_bytes_end_analytic"]
-        assert r["end_len"] == r["n"] + 4
+        assert r["end_len"] == r["n"] + 8  # two phases of 1 + 3 decode steps
     if get_mixer_class(name).fixed_memory and rows[0]["fixed_memory"]:
         assert rows[0]["state_bytes"] == rows[1]["state_bytes"] == rows[1]["state_bytes_end"]
 
@@ -53,7 +54,7 @@ def test_transformer_state_is_2_L_N_d_bytes(n):
     r = point("attention", n)
     assert not r["fixed_memory"]
     assert r["state_bytes"] == 2 * 2 * n * D * 4 == rep.kv_cache_formula_bytes(r)
-    assert r["state_bytes_end"] == 2 * 2 * (n + 4) * D * 4
+    assert r["state_bytes_end"] == 2 * 2 * (n + 8) * D * 4
 
 
 def test_prefill_last_equals_model_prefill():
@@ -97,25 +98,31 @@ def test_one_subprocess_measurement():
     spec = PointSpec(preset="tiny-attention", n=n, decode_steps=8, warmup_steps=2, threads=1,
                      config=tiny_config("attention"),
                      overrides=bd.kv_prealloc_overrides(
-                         LanguageModel(ModelConfig(**tiny_config("attention"))), n + 10))
+                         LanguageModel(ModelConfig(**tiny_config("attention"))), n + 20))
     row, reason = bd.run_isolated(spec, timeout_s=120, max_rss=None)
     assert reason is None, reason
     kv = 2 * 2 * n * D * 4  # 2 MiB of KV cache
     assert row["state_bytes"] == kv
-    assert row["state_storage_bytes"] == 2 * 2 * (n + 10) * D * 4  # preallocated capacity
+    assert row["state_storage_bytes"] == 2 * 2 * (n + 20) * D * 4  # preallocated capacity
     assert row["prefill_peak_bytes"] >= kv  # the cache is built during prefill
     assert row["decode_peak_bytes"] >= 0.95 * kv  # ... and resident while decoding
     assert row["weight_bytes"] == row["params"] * 4
     assert len(row["decode_ms"]) == 8 and row["decode_ms_median"] > 0
+    # the same process's decode from a 16-token context, timed before the prefill
+    assert row["ref_ms_median"] > 0
+    assert row["decode_vs_ref"] == pytest.approx(row["decode_ms_median"] / row["ref_ms_median"])
     assert row["threads"] == 1 and "MALLOC_MMAP_THRESHOLD_" in row["memory_method"]
+    # latency is timed with the allocator's usual threshold, memory with the fixed one
+    assert "latency timed with the mmap threshold at 32 MiB" in row["memory_method"]
+    assert row["decode_mmap_ms_median"] > 0
 
 
 def test_predicted_seconds_scale_with_state_kind():
     prev = {"n": 1000, "prefill_s": 2.0, "decode_steps": 10, "warmup_steps": 0,
             "decode_ms_median": 100.0, "fixed_memory": True}
-    assert bd.predicted_seconds(prev, 4000) == pytest.approx(8.0 + 1.0)
+    assert bd.predicted_seconds(prev, 4000) == pytest.approx(8.0 + 2.0)  # 2 × 10 steps
     prev["fixed_memory"] = False
-    assert bd.predicted_seconds(prev, 4000) == pytest.approx(32.0 + 4.0)
+    assert bd.predicted_seconds(prev, 4000) == pytest.approx(32.0 + 8.0)
 
 
 def test_prefill_is_chunked_when_its_predicted_peak_does_not_fit():
@@ -152,6 +159,31 @@ def test_resume_reuses_rows_measured_with_the_same_settings():
     assert bd.reusable_rows(cfg, previous) == {}
 
 
+def test_repeats_measure_every_point_again_and_take_the_median():
+    cfg = bd.DecodeBenchConfig(models=["tiny-linear"], lengths=[8, 16], isolate=False,
+                               decode_steps=3, warmup_steps=1, threads=1, repeats=3)
+    logs = []
+    res = bd.run_grid(cfg, log=logs.append)
+    assert [r["n"] for r in res["rows"]] == [8, 16]
+    for r in res["rows"]:
+        assert r["repeats"] == 3 and len(r["decode_ms"]) == 9  # 3 runs × 3 timed steps pooled
+        for key in bd.LATENCY_KEYS:
+            assert len(r[f"{key}_runs"]) == 3
+            assert r[key] == statistics.median(r[f"{key}_runs"])
+        assert len(r["decode_peak_bytes_runs"]) == 3
+    # rounds: every N once, then every N again
+    assert [m.split(":")[0] for m in logs if "repeat" in m] == ["tiny-linear N=8",
+                                                               "tiny-linear N=16"] * 2
+    line = rep.summarise(res["rows"])[0]
+    assert line["repeats"] == 3
+    # a resumed run reuses only rows that got all their repeats
+    short = {**res["rows"][0], "repeats": 2}
+    previous = {"config": asdict(cfg), "rows": [short, res["rows"][1]]}
+    assert list(bd.reusable_rows(cfg, previous)) == [("tiny-linear", 16)]
+    with pytest.raises(ValueError, match="repeats"):
+        bd.DecodeBenchConfig(repeats=0)
+
+
 def _fake_row(model: str, n: int, ms: float, fixed: bool) -> dict:
     state = 1000 if fixed else 8 * n
     layer = {"layer": 0, "mixer": "x", "fixed_memory": fixed, "formula": "f",
@@ -172,7 +204,11 @@ def test_summary_ratios_and_latency_acceptance():
     rows = [_fake_row("fixed", n, ms, True) for n, ms in ((128, 1.0), (512, 2.0), (32768, 2.3))]
     rows += [_fake_row("slow", n, ms, True) for n, ms in ((512, 2.0), (32768, 2.5))]
     rows += [_fake_row("kv", n, n / 512, False) for n in (512, 32768)]
+    for r, ref in zip(rows[1:3], (2.0, 2.0)):  # 16-token decode in the same processes
+        r["decode_vs_ref"] = r["decode_ms_median"] / ref
     s = {x["model"]: x for x in rep.summarise(rows)}
+    assert s["fixed"]["paired_growth_512_32768"] == pytest.approx(0.15)
+    assert s["slow"]["paired_growth_512_32768"] is None  # rows without a reference
     assert s["fixed"]["state_constant"] and s["fixed"]["state_matches_formula"]
     assert s["fixed"]["latency_ratio"] == pytest.approx(2.3)
     assert s["fixed"]["latency_growth_512_32768"] == pytest.approx(0.15)

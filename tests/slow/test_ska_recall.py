@@ -95,7 +95,7 @@ def accuracy_by_pair(model, inputs, labels, mask, use_mask) -> list[float]:
 
 def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int = 64,
                  seed: int = 0, eval_every: int = 100, n_eval: int = 1000,
-                 weight_decay: float = 0.1, grad_clip: float = 1.0,
+                 weight_decay: float = 0.1, grad_clip: float = 1.0, min_lr_ratio: float = 0.1,
                  verbose: bool = False, **model_kw) -> dict:
     """Train ``name`` from scratch; returns final accuracy on ``n_eval`` held-out examples and
     the first evaluated step whose accuracy reached 0.95 (None if never; evaluations during
@@ -112,7 +112,7 @@ def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int =
         return out
 
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(100, steps // 10),
-                      weight_decay=weight_decay, grad_clip=grad_clip,
+                      weight_decay=weight_decay, grad_clip=grad_clip, min_lr_ratio=min_lr_ratio,
                       eval_every=eval_every, log_every=eval_every, seed=seed, device="cpu",
                       amp="none", progress=False)
     t0 = time.time()
@@ -133,18 +133,21 @@ def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int =
             "acc_by_pair": accuracy_by_pair(model, *test, use_mask)}
 
 
-CAUSAL_SHORT = ("measured 0.875 at 2000 steps (0.819 at 1500), still rising: the causal model "
-                "needs a longer budget; strict, so a pass flags this marker for removal")
+#: name -> training budget of the slow test (the causal model binds later than the oracle one)
+SLOW_RUNS = {
+    # oracle prefix mask, seqmax (the paper's MQAR setting): 0.98 by step 1500, 0.99 at 2000
+    "ska-prefix": dict(steps=2000),
+    # causal chunk mode + β write gate, no mask: 0.93 at 2000, 0.96 by 2250 of a 3000-step
+    # cosine schedule (a 2000-step schedule ended at 0.875; a constant LR stayed at 0.34)
+    "ska-chunk-beta": dict(steps=3000),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    "ska-prefix",  # oracle prefix mask, seqmax (the paper's MQAR setting): 0.98 by step 1500
-    pytest.param("ska-chunk-beta", marks=pytest.mark.xfail(strict=True, reason=CAUSAL_SHORT)),
-])
+@pytest.mark.parametrize("name", list(SLOW_RUNS))
 def test_ska_learns_mqar_gap(name):
     torch.set_num_threads(1)
-    res = train_recall(name)
+    res = train_recall(name, eval_every=250, **SLOW_RUNS[name])
     assert res["acc"] >= 0.95, res
 
 

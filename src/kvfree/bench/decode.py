@@ -1,7 +1,8 @@
 """``kvfree bench decode``: decode memory and speed against a KV-cached Transformer.
 
 For each model and prompt length N: prefill N tokens (parallel form), decode
-``warmup + 64`` tokens, and record (one fresh subprocess per point, see ``decode_worker``):
+2 × (``warmup`` + 64) tokens (a memory phase, then a timed phase), and record (one fresh
+subprocess per point, see ``decode_worker``):
 - carried state: measured ``state_bytes`` per layer and total, next to each mixer's formula
   (``state_size(N)`` × bytes per element), and the bytes of the storages it keeps alive;
 - memory above the loaded model: prefill peak and decode peak separately (RSS on CPU, the
@@ -21,6 +22,13 @@ whole-prompt prefill would not fit the memory budget (its peak scaled linearly f
 N, or found when the point fails for memory) is prefilled in ``retry_prefill_chunk``-token
 segments of the same parallel form, carrying the state; such rows say so (``prefill_chunk``).
 
+Latency on a shared CPU drifts between processes by ±15 % (the same point measured in
+fresh processes a minute apart), more than the effect the bench looks for. Two defences:
+``repeats`` measures every point R times in fresh processes, in rounds (all N, then all N
+again), and reports the median of the per-process medians; and every point also times the
+same number of decode steps from a 16-token context *before* its prefill, in the same process
+(``ref_ms_median``), so ``decode_vs_ref`` is a within-process ratio that drift cancels from.
+
 Results are written to ``decode.json`` after every point; ``resume`` reuses the rows of an
 interrupted run measured with the same settings.
 """
@@ -29,16 +37,25 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from kvfree.bench.decode_worker import DTYPES, RESULT_TAG, PointSpec, element_bytes, measure_point
+from kvfree.bench.decode_worker import (
+    DTYPES,
+    RESULT_TAG,
+    PointSpec,
+    decoded_tokens,
+    element_bytes,
+    measure_point,
+)
 from kvfree.models import LanguageModel
 from kvfree.models import preset as get_preset
 from kvfree.utils import default_device, environment
@@ -78,6 +95,9 @@ class DecodeBenchConfig:
     #: prompt prefilled in segments of this many tokens (0: no retry); marked in the results
     retry_prefill_chunk: int = 4096
     overrides: dict[str, dict] = field(default_factory=dict)  # per model: ModelConfig keys
+    #: measure every point this many times (fresh processes, in rounds over N); latency is
+    #: the median of the per-process medians, memory comes from the first round
+    repeats: int = 1
 
     def __post_init__(self):
         if not self.models:
@@ -85,6 +105,8 @@ class DecodeBenchConfig:
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths must be positive prompt lengths, got {self.lengths}")
         self.lengths = sorted(set(int(n) for n in self.lengths))
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
 
 def mem_available_bytes() -> int | None:
@@ -136,7 +158,7 @@ def predicted_seconds(prev: dict, n: int) -> float:
     scale = n / prev["n"]
     grow = not prev["fixed_memory"]
     prefill = prev["prefill_s"] * scale ** (2 if grow else 1)
-    steps = prev["decode_steps"] + prev["warmup_steps"]
+    steps = decoded_tokens(SimpleNamespace(**prev))
     decode = steps * prev["decode_ms_median"] / 1e3 * (scale if grow else 1.0)
     return prefill + decode
 
@@ -206,7 +228,29 @@ def _measure(spec: PointSpec, cfg: DecodeBenchConfig, max_rss: int | None):
 
 #: Settings that must agree for a stored row to be reused by ``resume``.
 _SAME_MEASUREMENT = ("batch", "decode_steps", "warmup_steps", "dtype", "device", "threads",
-                     "seed", "kv_prealloc", "mmap_threshold", "isolate")
+                     "seed", "kv_prealloc", "mmap_threshold", "isolate", "repeats")
+
+#: Per-process latency figures combined over repeats (median of the per-process values).
+LATENCY_KEYS = ("decode_ms_median", "ref_ms_median", "decode_vs_ref", "decode_cpu_ms_median")
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One row from repeated measurements of a point: the first run's memory figures (each
+    run's decode peak is kept under ``decode_peak_bytes_runs``), latencies = the median over
+    runs of the per-run medians (each under ``<key>_runs``), the timed steps pooled."""
+    row = dict(runs[0])
+    row["repeats"] = len(runs)
+    if len(runs) == 1:
+        return row
+    for key in (*LATENCY_KEYS, "decode_peak_bytes", "prefill_s"):
+        row[f"{key}_runs"] = [r[key] for r in runs]
+    for key in LATENCY_KEYS:
+        row[key] = statistics.median(r[key] for r in runs)
+    row["decode_ms"] = [t for r in runs for t in r["decode_ms"]]
+    q = statistics.quantiles(row["decode_ms"], n=10)
+    row["decode_ms_p10"], row["decode_ms_p90"] = q[0], q[-1]
+    row["decode_tok_s"] = 1e3 * row["batch"] / row["decode_ms_median"]
+    return row
 
 
 def reusable_rows(cfg: DecodeBenchConfig, previous: dict | None) -> dict[tuple, dict]:
@@ -216,7 +260,8 @@ def reusable_rows(cfg: DecodeBenchConfig, previous: dict | None) -> dict[tuple, 
     old = previous.get("config", {})
     if any(old.get(k) != getattr(cfg, k) for k in _SAME_MEASUREMENT):
         return {}
-    return {(r["model"], r["n"]): r for r in previous.get("rows", [])}
+    return {(r["model"], r["n"]): r for r in previous.get("rows", [])
+            if r.get("repeats", 1) >= cfg.repeats}  # not a row whose repeats were cut short
 
 
 def _skip_reason(cfg, n, failed, prev, weights_state, max_rss, t_start) -> str | None:
@@ -275,19 +320,21 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
     result = {"benchmark": "decode", "config": asdict(cfg), "env": {**env, "dtype": cfg.dtype},
               "max_rss_bytes": max_rss, "rows": [], "skipped": [], "wall_s": 0.0}
     reuse = reusable_rows(cfg, previous)
-    steps_total = cfg.decode_steps + cfg.warmup_steps
+    steps_total = decoded_tokens(cfg)
     t_start = time.monotonic()
     for name in cfg.models:
         overrides, meta = plan_model(name, cfg.overrides.get(name, {}),
                                      max(cfg.lengths) + steps_total)
         weights = sum(p.numel() for p in meta.parameters()) * element_bytes(cfg.dtype)
         prev, failed, chunk = None, None, cfg.prefill_chunk
+        measured: list[tuple[PointSpec, list[dict], int]] = []  # (spec, runs, index in rows)
         for n in cfg.lengths:
             row = reuse.get((name, n))
             state = analytic_state_bytes(meta, n + steps_total, cfg.batch, cfg.dtype)
             reason = None if row else _skip_reason(cfg, n, failed, prev, weights + state,
                                                    max_rss, t_start)
-            if row:
+            reused = row is not None
+            if reused:
                 log(f"{name} N={n}: reused from the earlier result")
             elif reason is None:
                 if _needs_chunking(cfg, prev, n, chunk, max_rss):
@@ -306,6 +353,9 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
                 result["skipped"].append({"model": name, "n": n, "reason": reason})
                 log(f"{name} N={n}: {reason}")
             else:
+                if not reused:  # rounds 2..R follow once every N has its first round
+                    measured.append((spec, [row], len(result["rows"])))
+                    row = merge_repeats([row])
                 result["rows"].append(row)
                 prev, chunk = row, row.get("prefill_chunk") or chunk  # chunked from here on
                 log(f"{name} N={n}: state {row['state_bytes'] / 2**20:.3f} MiB, prefill peak "
@@ -315,7 +365,27 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
             result["wall_s"] = time.monotonic() - t_start
             if on_point:
                 on_point(result)
+        _repeat_points(cfg, measured, result, max_rss, log, on_point, t_start)
     return result
+
+
+def _repeat_points(cfg, measured, result, max_rss, log, on_point, t_start) -> None:
+    """Rounds 2..R over a model's measured points (its spec as first measured, prefill
+    segments included); a failed repeat is logged and leaves the runs that succeeded."""
+    for rnd in range(2, cfg.repeats + 1):
+        for spec, runs, index in measured:
+            row, reason = _measure(spec, cfg, max_rss)
+            if reason:
+                log(f"{spec.preset} N={spec.n}: repeat {rnd} failed ({reason})")
+                continue
+            runs.append(row)
+            result["rows"][index] = merged = merge_repeats(runs)
+            log(f"{spec.preset} N={spec.n}: repeat {rnd}/{cfg.repeats}: "
+                f"{row['decode_ms_median']:.2f} ms/token (median of {len(runs)} runs: "
+                f"{merged['decode_ms_median']:.2f})")
+            result["wall_s"] = time.monotonic() - t_start
+            if on_point:
+                on_point(result)
 
 
 def run(cfg: DecodeBenchConfig, out_dir: str | Path = "runs/bench-decode", log=print,

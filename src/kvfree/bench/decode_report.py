@@ -61,6 +61,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         growth = ms[ACCEPT_HI] / ms[ACCEPT_LO] - 1 if both else None
         cpu_growth = cpu[ACCEPT_HI] / cpu[ACCEPT_LO] - 1 if both and cpu[ACCEPT_LO] and \
             cpu[ACCEPT_HI] else None
+        paired = {r["n"]: r.get("decode_vs_ref") for r in rs}
+        paired_growth = paired[ACCEPT_HI] / paired[ACCEPT_LO] - 1 if both and \
+            paired[ACCEPT_LO] and paired[ACCEPT_HI] else None
         s = {
             "model": model, "fixed_memory": fixed, "n_min": lo["n"], "n_max": hi["n"],
             "points": len(rs), "state_constant": len(states) == 1,
@@ -74,6 +77,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "prefill_peak_ratio": _ratio(hi["prefill_peak_bytes"], lo["prefill_peak_bytes"]),
             "latency_ratio": _ratio(hi["decode_ms_median"], lo["decode_ms_median"]),
             "latency_growth_512_32768": growth, "cpu_growth_512_32768": cpu_growth,
+            "paired_growth_512_32768": paired_growth, "repeats": min(r.get("repeats", 1)
+                                                                     for r in rs),
             "latency_ok": None if growth is None or not fixed else growth <= LATENCY_TOLERANCE,
         }
         s["line"] = summary_line(s)
@@ -107,6 +112,11 @@ def summary_line(s: dict) -> str:
             line += " (≤ 20%: " + ("yes" if s["latency_ok"] else "NO") + ")"
         if s.get("cpu_growth_512_32768") is not None:
             line += f", CPU time per token {100 * s['cpu_growth_512_32768']:+.1f}%"
+        if s.get("paired_growth_512_32768") is not None:
+            line += (f", relative to a 16-token decode in the same process "
+                     f"{100 * s['paired_growth_512_32768']:+.1f}%")
+        if s.get("repeats", 1) > 1:
+            line += f" (median of {s['repeats']} processes per point)"
     return line
 
 
@@ -122,10 +132,18 @@ def header(result: dict) -> str:
             f"{'/'.join(str(t) for t in threads)} threads, {env['dtype']}, torch {env['torch']}, "
             f"batch {c['batch']}; {c['decode_steps']} timed decode steps after "
             f"{c['warmup_steps']} warm-up steps (median); "
-            f"{'one fresh process per point' if c['isolate'] else 'in-process'}. "
+            f"{'one fresh process per point' if c['isolate'] else 'in-process'}"
+            f"{repeats_text(c.get('repeats', 1))}. "
             f"Memory: {method}. Peaks are above the loaded model; weights on their own line. "
             f"ms/token is wall time (the acceptance metric); CPU ms/token is the process CPU "
-            f"time of the step, less sensitive to other processes on a shared machine.\n")
+            f"time of the step, less sensitive to other processes on a shared machine; "
+            f"× ref is ms/token over the same process's decode from a 16-token context, "
+            f"timed before the prefill (cancels drift between processes).\n")
+
+
+def repeats_text(repeats: int) -> str:
+    return (f", {repeats} processes per point in rounds over N (ms/token: median of the "
+            f"per-process medians; memory: first round)") if repeats > 1 else ""
 
 
 def state_table(result: dict) -> str:
@@ -154,15 +172,15 @@ def grid_table(result: dict) -> str:
              "decode": _mib(r["decode_peak_bytes"]),
              "steady": _mib(r["decode_steady_peak_bytes"]), "tok_s": r["prefill_tok_s"],
              "ms": r["decode_ms_median"], "chunk": r.get("prefill_chunk") or "whole",
-             "cpu_ms": r.get("decode_cpu_ms_median"),
+             "cpu_ms": r.get("decode_cpu_ms_median"), "vs_ref": r.get("decode_vs_ref"),
              "spread": f"{r['decode_ms_p10']:.3g}–{r['decode_ms_p90']:.3g}"}
             for r in result["rows"]]
     return markdown_table(rows, ["model", "N", "state", "storage", "chunk", "prefill", "decode",
-                                 "steady", "tok_s", "ms", "spread", "cpu_ms"],
+                                 "steady", "tok_s", "ms", "spread", "cpu_ms", "vs_ref"],
                           ["model", "N", "state (MiB)", "storage kept (MiB)", "prefill",
                            "prefill peak (MiB)", "decode peak (MiB)", "steady decode peak (MiB)",
                            "prefill tok/s", "decode ms/token", "p10–p90 ms",
-                           "CPU ms/token"])
+                           "CPU ms/token", "× ref"])
 
 
 def weights_table(result: dict) -> str:

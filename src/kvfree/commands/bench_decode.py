@@ -48,6 +48,8 @@ def bench_decode(
                                 "interrupted) run in --out measured with the same settings."),
     isolate: bool = typer.Option(True, help="One fresh subprocess per point (needed for "
                                  "honest CPU peaks)."),
+    repeats: int = typer.Option(1, help="Measure every point this many times in fresh "
+                                "processes (rounds over N); ms/token is the median over them."),
 ) -> None:
     """Prefill N tokens, decode, and record state bytes, memory peaks and ms/token."""
     from kvfree.bench.decode import SUITES, DecodeBenchConfig, run
@@ -61,7 +63,7 @@ def bench_decode(
         warmup_steps=warmup_steps, dtype=dtype, device=device, threads=threads,
         isolate=isolate, kv_prealloc=kv_prealloc, prefill_chunk=prefill_chunk or None,
         retry_prefill_chunk=retry_prefill_chunk, point_timeout_s=point_timeout,
-        max_memory_gb=max_memory_gb,
+        max_memory_gb=max_memory_gb, repeats=repeats,
         total_budget_s=60 * budget_minutes if budget_minutes else None)
     out = out or ("runs/bench-decode" if suite == "cpu" else f"runs/bench-decode-{suite}")
     res = run(cfg, out, resume=resume)
