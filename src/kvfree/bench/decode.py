@@ -44,7 +44,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -158,7 +157,7 @@ def predicted_seconds(prev: dict, n: int) -> float:
     scale = n / prev["n"]
     grow = not prev["fixed_memory"]
     prefill = prev["prefill_s"] * scale ** (2 if grow else 1)
-    steps = decoded_tokens(SimpleNamespace(**prev))
+    steps = decoded_tokens(prev["warmup_steps"], prev["decode_steps"])
     decode = steps * prev["decode_ms_median"] / 1e3 * (scale if grow else 1.0)
     return prefill + decode
 
@@ -231,7 +230,8 @@ _SAME_MEASUREMENT = ("batch", "decode_steps", "warmup_steps", "dtype", "device",
                      "seed", "kv_prealloc", "mmap_threshold", "isolate", "repeats")
 
 #: Per-process latency figures combined over repeats (median of the per-process values).
-LATENCY_KEYS = ("decode_ms_median", "ref_ms_median", "decode_vs_ref", "decode_cpu_ms_median")
+LATENCY_KEYS = ("decode_ms_median", "ref_ms_median", "decode_vs_ref", "decode_cpu_ms_median",
+                "decode_mmap_ms_median")
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -320,7 +320,7 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
     result = {"benchmark": "decode", "config": asdict(cfg), "env": {**env, "dtype": cfg.dtype},
               "max_rss_bytes": max_rss, "rows": [], "skipped": [], "wall_s": 0.0}
     reuse = reusable_rows(cfg, previous)
-    steps_total = decoded_tokens(cfg)
+    steps_total = decoded_tokens(cfg.warmup_steps, cfg.decode_steps)
     t_start = time.monotonic()
     for name in cfg.models:
         overrides, meta = plan_model(name, cfg.overrides.get(name, {}),

@@ -11,9 +11,10 @@ instead; the method used is recorded with every measurement.
 
 The fixed ``MALLOC_MMAP_THRESHOLD_`` the bench sets for honest RSS has a price: every tensor
 of at least the threshold (a 128 KiB SSM state, for one) is ``mmap``-ed and unmapped again on
-every decode step, page faults included. That made Mamba-2's steps ~35 % slower and their
-timing depend on the process's history (runs/bench-decode-r3-mmap128k: +32 % in-process after
-a 32k prefill). So latency is timed under :func:`timing_allocator` (threshold 32 MiB, glibc's
+every decode step, page faults included. That made Mamba-2's steps about 1.3× slower (median
+over N of ``decode_mmap_ms_median / decode_ms_median`` in runs/bench-decode) and their timing
+depend on the process's history (runs/bench-decode-r3-mmap128k: +32 % in-process after a 32k
+prefill). So latency is timed under :meth:`AllocatorPhases.timing` (threshold 32 MiB, glibc's
 own dynamic ceiling: what an unconfigured server process converges to) and memory under the
 configured threshold, each phase in its own decode steps.
 

@@ -91,10 +91,10 @@ class PointSpec:
         return from_dict(cls, json.loads(text), kind="point spec key")
 
 
-def decoded_tokens(spec) -> int:
+def decoded_tokens(warmup_steps: int, decode_steps: int) -> int:
     """Tokens a point decodes after its prompt: two phases (memory, then latency) of
     ``warmup_steps + decode_steps`` each (KV caches are preallocated for prompt + this)."""
-    return 2 * (spec.warmup_steps + spec.decode_steps)
+    return 2 * (warmup_steps + decode_steps)
 
 
 def element_bytes(dtype: str | torch.dtype) -> int:
@@ -234,7 +234,7 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         cpu: list[float] = []
         tok, state = _decode(model, tok, state, spec.warmup_steps + spec.decode_steps, times,
                              cpu, device)
-        end_len = spec.n + decoded_tokens(spec)
+        end_len = spec.n + decoded_tokens(spec.warmup_steps, spec.decode_steps)
         layers_end = layer_accounting(model, state, end_len, spec.batch, DTYPES[spec.dtype])
 
     timed = [1e3 * t for t in times[spec.warmup_steps:]]
