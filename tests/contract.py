@@ -83,25 +83,32 @@ def grads_of(fn, mixer, x, state, mask, weights=None):
     the input and the initial state's float tensors."""
     x = x.detach().clone().requires_grad_(True)
     if state is not None:
-        state = map_tensors(clone_state(state), lambda t: t.detach().requires_grad_(
-            t.is_floating_point() or t.is_complex()))
+        state = map_tensors(
+            clone_state(state),
+            lambda t: t.detach().requires_grad_(t.is_floating_point() or t.is_complex()),
+        )
     mixer.zero_grad(set_to_none=True)
     y, new_state = fn(mixer, x, state, mask)
     leaves = [y, *_float_leaves(new_state)]
     if weights is None:
         g = torch.Generator().manual_seed(1234)
-        weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
-                   for t in leaves]
-    loss = sum((t * w).real.sum() if t.is_complex() else (t * w).sum()
-               for t, w in zip(leaves, weights))
+        weights = [
+            torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in leaves
+        ]
+    loss = sum(
+        (t * w).real.sum() if t.is_complex() else (t * w).sum() for t, w in zip(leaves, weights)
+    )
     loss.backward()
-    out = {f"param {n}": p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-           for n, p in mixer.named_parameters()}
+    out = {
+        f"param {n}": p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for n, p in mixer.named_parameters()
+    }
     out["input x"] = x.grad.clone()
     if state is not None:
         for i, t in enumerate(_float_leaves(state)):
-            out[f"initial state tensor {i}"] = (t.grad.clone() if t.grad is not None
-                                                else torch.zeros_like(t))
+            out[f"initial state tensor {i}"] = (
+                t.grad.clone() if t.grad is not None else torch.zeros_like(t)
+            )
     return out, weights
 
 
@@ -206,9 +213,18 @@ class MixerContract:
             sizes[T] = kvfree.state_bytes(s)
             assert sizes[T] == mixer.state_size(T) * 8, (
                 f"state_bytes {sizes[T]} at T={T} != state_size formula "
-                f"{mixer.state_size(T)} elements x 8 bytes ({mixer.state_formula()})")
-            _, s2 = run_steps(mixer, x[:, :16], None, None if not self.uses_mask
-                              else self.mask_for(x, cfg)[:, :16]) if T == 16 else (None, None)
+                f"{mixer.state_size(T)} elements x 8 bytes ({mixer.state_formula()})"
+            )
+            _, s2 = (
+                run_steps(
+                    mixer,
+                    x[:, :16],
+                    None,
+                    None if not self.uses_mask else self.mask_for(x, cfg)[:, :16],
+                )
+                if T == 16
+                else (None, None)
+            )
             if s2 is not None:
                 assert kvfree.state_bytes(s2) == sizes[16], "step state differs in size"
         if mixer.fixed_memory:
@@ -232,8 +248,9 @@ class MixerContract:
         r = err_ratio(y_ref, ybf.float())
         assert math.isfinite(r) and r < self.bf16_ratio, f"bf16 autocast vs float64: {r:.2e}"
 
-    @settings(max_examples=8, deadline=None,
-              suppress_health_check=[HealthCheck.differing_executors])
+    @settings(
+        max_examples=8, deadline=None, suppress_health_check=[HealthCheck.differing_executors]
+    )
     @given(B=st.integers(1, 3), T=st.integers(1, 80), frac=st.floats(0, 1))
     def test_property_shapes(self, B, T, frac):
         """Random batch/length/split: chunked prefill = parallel = step (first config)."""

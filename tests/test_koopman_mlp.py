@@ -15,8 +15,9 @@ def test_registered_and_parameter_count():
     mlp = build_mlp("koopman", 48, 128)
     assert isinstance(mlp, KoopmanMLP)
     assert sum(p.numel() for p in mlp.parameters()) == 2 * 48 * 128 + 128  # lift, read, γ, ω
-    model = LanguageModel(ModelConfig(vocab_size=11, d_model=32, layers=["shortconv"],
-                                      mlp="koopman"))
+    model = LanguageModel(
+        ModelConfig(vocab_size=11, d_model=32, layers=["shortconv"], mlp="koopman")
+    )
     blk = model.blocks[0].mlp
     assert isinstance(blk, KoopmanMLP) and blk.d_ff == 128  # ceil(32·8/3 / 64)·64
 
@@ -78,8 +79,9 @@ def test_gate_option_and_errors():
 
 def test_model_with_koopman_mlp_decodes_exactly():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=30, d_model=32, layers=["shortconv", "linear_attention"],
-                      mlp="koopman")
+    cfg = ModelConfig(
+        vocab_size=30, d_model=32, layers=["shortconv", "linear_attention"], mlp="koopman"
+    )
     model = LanguageModel(cfg).double().eval()
     ids = torch.randint(0, 30, (2, 20))
     with torch.no_grad():

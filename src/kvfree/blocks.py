@@ -65,8 +65,10 @@ class KoopmanMLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, gate: bool = False, omega_std: float = 0.1):
         super().__init__()
         if d_ff <= 0 or d_ff % 2:
-            raise ValueError(f"KoopmanMLP pairs its d_ff channels, so d_ff must be a positive "
-                             f"even number, got {d_ff}")
+            raise ValueError(
+                f"KoopmanMLP pairs its d_ff channels, so d_ff must be a positive "
+                f"even number, got {d_ff}"
+            )
         self.d_ff = d_ff
         self.lift = nn.Linear(d_model, d_ff, bias=False)
         self.read = nn.Linear(d_ff, d_model, bias=False)
@@ -115,8 +117,13 @@ class CausalConv1d(nn.Module):
     Output at t is ``bias + Σ_{i<k} w[:, i]·x_{t-k+1+i}`` (zero history before the start).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = True,
-                 activation: str | None = "silu"):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 4,
+        bias: bool = True,
+        activation: str | None = "silu",
+    ):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
@@ -124,7 +131,7 @@ class CausalConv1d(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.activation = activation
-        nn.init.uniform_(self.weight, -kernel_size**-0.5, kernel_size**-0.5)
+        nn.init.uniform_(self.weight, -(kernel_size**-0.5), kernel_size**-0.5)
 
     def init_buffer(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
@@ -135,9 +142,8 @@ class CausalConv1d(nn.Module):
     def forward(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = x.shape[1]
         xx = torch.cat([buf.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
-        y = F.conv1d(xx.transpose(1, 2), self.weight.unsqueeze(1), self.bias,
-                     groups=self.channels)
-        new_buf = xx[:, xx.shape[1] - (self.kernel_size - 1):]
+        y = F.conv1d(xx.transpose(1, 2), self.weight.unsqueeze(1), self.bias, groups=self.channels)
+        new_buf = xx[:, xx.shape[1] - (self.kernel_size - 1) :]
         return self._act(y.transpose(1, 2)[:, :T]), new_buf
 
     def step(self, x_t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="kvfree: fixed-memory sequence models vs KV-cached attention.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks (write JSON + markdown + plots under runs/).",
-                        no_args_is_help=True)
+app = typer.Typer(
+    help="kvfree: fixed-memory sequence models vs KV-cached attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks (write JSON + markdown + plots under runs/).", no_args_is_help=True
+)
 data_app = typer.Typer(help="Text corpora: build, inspect.", no_args_is_help=True)
-report_app = typer.Typer(help="Regenerate tables/plots (and README sections) from result files.",
-                         no_args_is_help=True)
+report_app = typer.Typer(
+    help="Regenerate tables/plots (and README sections) from result files.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app, name="data")
 app.add_typer(report_app, name="report")

@@ -41,8 +41,12 @@ class FallbackCounter:
         return {"jitter": self.jitter, "eigen": self.eigen}
 
 
-def robust_cholesky(A: torch.Tensor, counter: FallbackCounter | None = None,
-                    jitters=JITTERS, eig_floor: float = 1e-6) -> torch.Tensor:
+def robust_cholesky(
+    A: torch.Tensor,
+    counter: FallbackCounter | None = None,
+    jitters=JITTERS,
+    eig_floor: float = 1e-6,
+) -> torch.Tensor:
     """A factor F with F Fᵀ ≈ A for symmetric A [..., n, n].
 
     1. ``cholesky_ex`` on the symmetrised matrix;
@@ -53,8 +57,12 @@ def robust_cholesky(A: torch.Tensor, counter: FallbackCounter | None = None,
     return robust_factor(A, counter, jitters, eig_floor)[0]
 
 
-def robust_factor(A: torch.Tensor, counter: FallbackCounter | None = None,
-                  jitters=JITTERS, eig_floor: float = 1e-6) -> tuple[torch.Tensor, bool]:
+def robust_factor(
+    A: torch.Tensor,
+    counter: FallbackCounter | None = None,
+    jitters=JITTERS,
+    eig_floor: float = 1e-6,
+) -> tuple[torch.Tensor, bool]:
     """:func:`robust_cholesky` that also says whether every slice is lower-triangular (no eigen
     fallback was needed), so callers can use triangular solves without scanning the factor."""
     A = 0.5 * (A + A.transpose(-1, -2))
@@ -84,8 +92,9 @@ def robust_factor(A: torch.Tensor, counter: FallbackCounter | None = None,
     return L, False
 
 
-def spd_solve(A: torch.Tensor, B: torch.Tensor, counter: FallbackCounter | None = None,
-              **kw) -> torch.Tensor:
+def spd_solve(
+    A: torch.Tensor, B: torch.Tensor, counter: FallbackCounter | None = None, **kw
+) -> torch.Tensor:
     """X with A X = B for symmetric positive (semi-)definite A, via :func:`robust_cholesky`.
 
     With an eigen factor F = Q diag(√λ) the solve F Fᵀ X = B is still exact for the clamped

@@ -22,8 +22,9 @@ def environment(device: torch.device | str | None = None) -> dict:
     env = {
         "device": str(device),
         "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine()
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
         ),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -54,8 +55,12 @@ def call_with_options(fn, kind: str, *args, **options):
     """Call ``fn(*args, **options)`` after checking ``options`` against its signature."""
     params = inspect.signature(fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or (
-            p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("self", "d_model"))]
+        valid = [
+            n
+            for n, p in params.items()
+            if p.kind is p.KEYWORD_ONLY
+            or (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("self", "d_model"))
+        ]
         unknown = set(options) - set(valid)
         if unknown:
             raise unknown_keys_error(kind, unknown, valid)

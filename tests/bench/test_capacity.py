@@ -59,7 +59,7 @@ def test_ska_closed_form_equals_whitened_filter():
         c = gamma / max(1.0, sigma)
         B_v = Cm @ np.linalg.inv(G)
         ref = np.stack([eta * B_v @ L @ np.linalg.matrix_power(c * A_w, 2) @ Li @ q for q in k])
-        got = C.ska_read(K[t:t + 1], V[t:t + 1], K[t:t + 1], 2, lam, gamma, eta)[0]
+        got = C.ska_read(K[t : t + 1], V[t : t + 1], K[t : t + 1], 2, lam, gamma, eta)[0]
         assert np.abs(got - ref).max() < 1e-10 * np.abs(ref).max()
 
 
@@ -83,10 +83,18 @@ def test_pilot_reference_values_at_d64():
     """tasks.md §5 pilot (d = 64, ρ = 0): accuracy of linear / delta / ridge / softmax."""
     table = C.unit(np.random.default_rng([0, 64]).standard_normal((C.VOCAB, 64)))
     ref = {  # N: {method: (accuracy, relative error)}
-        64: {"linear": (1.00, 0.97), "delta1": (0.91, 0.73), "delta4": (1.00, 0.49),
-             "ridge": (1.00, 0.13)},
-        256: {"linear": (0.76, 1.99), "delta1": (0.26, 1.19), "ridge": (0.89, 0.86),
-              "softmax": (1.00, None)},
+        64: {
+            "linear": (1.00, 0.97),
+            "delta1": (0.91, 0.73),
+            "delta4": (1.00, 0.49),
+            "ridge": (1.00, 0.13),
+        },
+        256: {
+            "linear": (0.76, 1.99),
+            "delta1": (0.26, 1.19),
+            "ridge": (0.89, 0.86),
+            "softmax": (1.00, None),
+        },
     }
     for n, exp in ref.items():
         rows = C.capacity_point(64, n, [0.0], 4, 0, tuple(exp), table, vocab_queries=16)
@@ -98,25 +106,42 @@ def test_pilot_reference_values_at_d64():
 
 
 def test_run_writes_results_and_accuracy_falls(tmp_path):
-    res = C.run(tmp_path, dims=(16,), ratios=(0.5, 8), rhos=(0.0, 0.8), trials=3,
-                layouts=("iid", "structured"), structured_dims=(16,), vocab_queries=8,
-                progress=False)
+    res = C.run(
+        tmp_path,
+        dims=(16,),
+        ratios=(0.5, 8),
+        rhos=(0.0, 0.8),
+        trials=3,
+        layouts=("iid", "structured"),
+        structured_dims=(16,),
+        vocab_queries=8,
+        progress=False,
+    )
     data = json.loads((tmp_path / "capacity.json").read_text())
     assert len(data["rows"]) == 2 * 2 * 2 * len(C.METHODS)
     assert (tmp_path / "capacity.md").read_text() == res["markdown"]
     assert (tmp_path / "capacity.png").stat().st_size > 1000
 
     def acc(method, ratio, rho, layout="iid"):
-        return next(r["acc"] for r in data["rows"] if r["method"] == method and
-                    r["ratio"] == ratio and r["rho"] == rho and r["layout"] == layout)
+        return next(
+            r["acc"]
+            for r in data["rows"]
+            if r["method"] == method
+            and r["ratio"] == ratio
+            and r["rho"] == rho
+            and r["layout"] == layout
+        )
 
     for m in ("linear", "delta1", "ridge"):
         assert acc(m, 8, 0.0) < acc(m, 0.5, 0.0) - 0.3  # crosstalk once N ≫ d
     assert acc("softmax_hard", 8, 0.8) == 1.0  # no crosstalk limit for a KV cache
     assert acc("ridge", 0.5, 0.8) > acc("linear", 0.5, 0.8) + 0.3  # whitening vs correlation
     assert "Largest N/d" in res["markdown"] and "Structured stream" in res["markdown"]
-    fall = {(f["rho"], f["method"]): f["last_ok"] for f in C.falloff(data["rows"])
-            if f["layout"] == "iid"}
+    fall = {
+        (f["rho"], f["method"]): f["last_ok"]
+        for f in C.falloff(data["rows"])
+        if f["layout"] == "iid"
+    }
     assert fall[(0.0, "softmax")] == 8 and fall[(0.0, "linear")] == 0.5
 
 
@@ -127,9 +152,24 @@ def test_cli_and_report(tmp_path):
     from kvfree.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["bench", "capacity", "--out", str(tmp_path), "--dims", "8",
-                              "--ratios", "0.5,4", "--rhos", "0", "--trials", "2",
-                              "--no-structured"])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "capacity",
+            "--out",
+            str(tmp_path),
+            "--dims",
+            "8",
+            "--ratios",
+            "0.5,4",
+            "--rhos",
+            "0",
+            "--trials",
+            "2",
+            "--no-structured",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Largest N/d" in res.output and (tmp_path / "capacity.json").exists()
     readme = tmp_path / "README.md"

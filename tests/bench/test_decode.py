@@ -28,8 +28,15 @@ def tiny_config(name: str, layers: int = 2) -> dict:
 
 
 def point(name: str, n: int, **kw) -> dict:
-    spec = PointSpec(preset=f"tiny-{name}", n=n, decode_steps=3, warmup_steps=1, threads=1,
-                     config=tiny_config(name), **kw)
+    spec = PointSpec(
+        preset=f"tiny-{name}",
+        n=n,
+        decode_steps=3,
+        warmup_steps=1,
+        threads=1,
+        config=tiny_config(name),
+        **kw,
+    )
     return measure_point(spec)
 
 
@@ -59,8 +66,11 @@ def test_transformer_state_is_2_L_N_d_bytes(n):
 
 def test_prefill_last_equals_model_prefill():
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=V, d_model=D,
-                                      layers=["attention", "shortconv"])).double().eval()
+    model = (
+        LanguageModel(ModelConfig(vocab_size=V, d_model=D, layers=["attention", "shortconv"]))
+        .double()
+        .eval()
+    )
     ids = torch.randint(0, V, (2, 37))
     full, ref_state = model.prefill(ids)
     for chunk in (None, 16):
@@ -95,10 +105,17 @@ def test_rss_probe_sees_an_allocation_and_resets():
 
 def test_one_subprocess_measurement():
     n = 2048
-    spec = PointSpec(preset="tiny-attention", n=n, decode_steps=8, warmup_steps=2, threads=1,
-                     config=tiny_config("attention"),
-                     overrides=bd.kv_prealloc_overrides(
-                         LanguageModel(ModelConfig(**tiny_config("attention"))), n + 20))
+    spec = PointSpec(
+        preset="tiny-attention",
+        n=n,
+        decode_steps=8,
+        warmup_steps=2,
+        threads=1,
+        config=tiny_config("attention"),
+        overrides=bd.kv_prealloc_overrides(
+            LanguageModel(ModelConfig(**tiny_config("attention"))), n + 20
+        ),
+    )
     row, reason = bd.run_isolated(spec, timeout_s=120, max_rss=None)
     assert reason is None, reason
     kv = 2 * 2 * n * D * 4  # 2 MiB of KV cache
@@ -118,8 +135,14 @@ def test_one_subprocess_measurement():
 
 
 def test_predicted_seconds_scale_with_state_kind():
-    prev = {"n": 1000, "prefill_s": 2.0, "decode_steps": 10, "warmup_steps": 0,
-            "decode_ms_median": 100.0, "fixed_memory": True}
+    prev = {
+        "n": 1000,
+        "prefill_s": 2.0,
+        "decode_steps": 10,
+        "warmup_steps": 0,
+        "decode_ms_median": 100.0,
+        "fixed_memory": True,
+    }
     assert bd.predicted_seconds(prev, 4000) == pytest.approx(8.0 + 2.0)  # 2 × 10 steps
     prev["fixed_memory"] = False
     assert bd.predicted_seconds(prev, 4000) == pytest.approx(32.0 + 8.0)
@@ -136,8 +159,14 @@ def test_prefill_is_chunked_when_its_predicted_peak_does_not_fit():
 
 
 def test_points_over_budget_are_skipped_with_reasons():
-    cfg = bd.DecodeBenchConfig(models=["tiny-attention"], lengths=[64, 16], isolate=False,
-                               max_memory_gb=1e-4, decode_steps=2, warmup_steps=0)
+    cfg = bd.DecodeBenchConfig(
+        models=["tiny-attention"],
+        lengths=[64, 16],
+        isolate=False,
+        max_memory_gb=1e-4,
+        decode_steps=2,
+        warmup_steps=0,
+    )
     assert cfg.lengths == [16, 64]
     res = bd.run_grid(cfg, log=lambda *_: None)
     assert res["rows"] == []
@@ -148,8 +177,14 @@ def test_points_over_budget_are_skipped_with_reasons():
 
 
 def test_resume_reuses_rows_measured_with_the_same_settings():
-    cfg = bd.DecodeBenchConfig(models=["tiny-linear"], lengths=[16, 24], isolate=False,
-                               decode_steps=2, warmup_steps=0, threads=1)
+    cfg = bd.DecodeBenchConfig(
+        models=["tiny-linear"],
+        lengths=[16, 24],
+        isolate=False,
+        decode_steps=2,
+        warmup_steps=0,
+        threads=1,
+    )
     stored = {**_fake_row("tiny-linear", 16, 1.0, True), "marker": "stored"}
     previous = {"config": asdict(cfg), "rows": [stored]}
     res = bd.run_grid(cfg, log=lambda *_: None, previous=previous)
@@ -160,8 +195,15 @@ def test_resume_reuses_rows_measured_with_the_same_settings():
 
 
 def test_repeats_measure_every_point_again_and_take_the_median():
-    cfg = bd.DecodeBenchConfig(models=["tiny-linear"], lengths=[8, 16], isolate=False,
-                               decode_steps=3, warmup_steps=1, threads=1, repeats=3)
+    cfg = bd.DecodeBenchConfig(
+        models=["tiny-linear"],
+        lengths=[8, 16],
+        isolate=False,
+        decode_steps=3,
+        warmup_steps=1,
+        threads=1,
+        repeats=3,
+    )
     logs = []
     res = bd.run_grid(cfg, log=logs.append)
     assert [r["n"] for r in res["rows"]] == [8, 16]
@@ -172,8 +214,10 @@ def test_repeats_measure_every_point_again_and_take_the_median():
             assert r[key] == statistics.median(r[f"{key}_runs"])
         assert len(r["decode_peak_bytes_runs"]) == 3
     # rounds: every N once, then every N again
-    assert [m.split(":")[0] for m in logs if "repeat" in m] == ["tiny-linear N=8",
-                                                               "tiny-linear N=16"] * 2
+    assert [m.split(":")[0] for m in logs if "repeat" in m] == [
+        "tiny-linear N=8",
+        "tiny-linear N=16",
+    ] * 2
     line = rep.summarise(res["rows"])[0]
     assert line["repeats"] == 3
     # a resumed run reuses only rows that got all their repeats
@@ -186,18 +230,47 @@ def test_repeats_measure_every_point_again_and_take_the_median():
 
 def _fake_row(model: str, n: int, ms: float, fixed: bool) -> dict:
     state = 1000 if fixed else 8 * n
-    layer = {"layer": 0, "mixer": "x", "fixed_memory": fixed, "formula": "f",
-             "analytic_elements": state // 4, "analytic_bytes": state, "measured_bytes": state,
-             "storage_bytes": state}
-    return {"model": model, "n": n, "batch": 1, "dtype": "float32", "layers_config": ["x"],
-            "d_model": 2, "num_layers": 1, "fixed_memory": fixed, "params": 10,
-            "weight_bytes": 40, "state_bytes": state, "state_bytes_analytic": state,
-            "state_bytes_end": state, "state_bytes_end_analytic": state,
-            "state_storage_bytes": state, "layers": [layer], "prefill_peak_bytes": 2 * state,
-            "decode_peak_bytes": state + 100, "decode_steady_peak_bytes": state + 100,
-            "prefill_tok_s": 1e3, "decode_ms_median": ms, "decode_ms_p10": ms,
-            "decode_ms_p90": ms, "threads": 1, "memory_method": "m", "prefill_chunk": None,
-            "prefill_s": 0.01, "decode_steps": 2, "warmup_steps": 0}
+    layer = {
+        "layer": 0,
+        "mixer": "x",
+        "fixed_memory": fixed,
+        "formula": "f",
+        "analytic_elements": state // 4,
+        "analytic_bytes": state,
+        "measured_bytes": state,
+        "storage_bytes": state,
+    }
+    return {
+        "model": model,
+        "n": n,
+        "batch": 1,
+        "dtype": "float32",
+        "layers_config": ["x"],
+        "d_model": 2,
+        "num_layers": 1,
+        "fixed_memory": fixed,
+        "params": 10,
+        "weight_bytes": 40,
+        "state_bytes": state,
+        "state_bytes_analytic": state,
+        "state_bytes_end": state,
+        "state_bytes_end_analytic": state,
+        "state_storage_bytes": state,
+        "layers": [layer],
+        "prefill_peak_bytes": 2 * state,
+        "decode_peak_bytes": state + 100,
+        "decode_steady_peak_bytes": state + 100,
+        "prefill_tok_s": 1e3,
+        "decode_ms_median": ms,
+        "decode_ms_p10": ms,
+        "decode_ms_p90": ms,
+        "threads": 1,
+        "memory_method": "m",
+        "prefill_chunk": None,
+        "prefill_s": 0.01,
+        "decode_steps": 2,
+        "warmup_steps": 0,
+    }
 
 
 def test_summary_ratios_and_latency_acceptance():
@@ -220,10 +293,18 @@ def test_summary_ratios_and_latency_acceptance():
 
 def test_outputs_and_readme_section(tmp_path):
     rows = [_fake_row("m", n, 1.0, True) for n in (128, 512)]
-    result = {"env": {"device": "cpu", "device_name": "x", "torch": "t", "dtype": "float32",
-                      "threads": 1},
-              "config": {"batch": 1, "decode_steps": 3, "warmup_steps": 1, "isolate": True},
-              "rows": rows, "skipped": [{"model": "m", "n": 1024, "reason": "skipped: test"}]}
+    result = {
+        "env": {
+            "device": "cpu",
+            "device_name": "x",
+            "torch": "t",
+            "dtype": "float32",
+            "threads": 1,
+        },
+        "config": {"batch": 1, "decode_steps": 3, "warmup_steps": 1, "isolate": True},
+        "rows": rows,
+        "skipped": [{"model": "m", "n": 1024, "reason": "skipped: test"}],
+    }
     result["summary"] = rep.summarise(rows)
     paths = rep.write_outputs(result, tmp_path / "run")
     for p in paths.values():
@@ -245,9 +326,26 @@ def test_cli_bench_and_report(tmp_path):
     from kvfree.cli import app
 
     out = tmp_path / "bd"
-    res = CliRunner().invoke(app, ["bench", "decode", "--model", "tiny-linear", "--lengths",
-                                   "16,32", "--decode-steps", "2", "--warmup-steps", "1",
-                                   "--no-isolate", "--threads", "1", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "decode",
+            "--model",
+            "tiny-linear",
+            "--lengths",
+            "16,32",
+            "--decode-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--no-isolate",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "tiny-linear (fixed state; state identical at every N, = formula)" in res.output
     assert (out / "decode.json").exists() and (out / "latency_vs_n.png").exists()

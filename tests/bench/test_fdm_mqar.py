@@ -38,8 +38,15 @@ def test_truncation_and_scored_logits_are_exact(name):
 
 def test_tiny_protocol_run(tmp_path):
     p = bench.Protocol(epochs=2, num_examples=150, batch_size=64)
-    res = bench.run(tmp_path, models=("fdm-k16", "transformer"), settings=("easy",),
-                    seeds=(0, 1), protocol=p, device="cpu", progress=False)
+    res = bench.run(
+        tmp_path,
+        models=("fdm-k16", "transformer"),
+        settings=("easy",),
+        seeds=(0, 1),
+        protocol=p,
+        device="cpu",
+        progress=False,
+    )
     assert (tmp_path / "fdm_mqar.json").exists() and (tmp_path / "fdm_mqar.md").exists()
     saved = json.loads((tmp_path / "fdm_mqar.json").read_text())
     assert len(saved["runs"]) == 4 and saved["protocol"]["epochs"] == 2
@@ -52,8 +59,15 @@ def test_tiny_protocol_run(tmp_path):
     first = json.loads((tmp_path / "runs" / "fdm-k16-easy-s0.json").read_text())
     assert len(first["curve"]) == 2
     # resume: a second call reuses the finished runs (same numbers, no retraining)
-    again = bench.run(tmp_path, models=("fdm-k16",), settings=("easy",), seeds=(0,),
-                      protocol=p, device="cpu", progress=False)
+    again = bench.run(
+        tmp_path,
+        models=("fdm-k16",),
+        settings=("easy",),
+        seeds=(0,),
+        protocol=p,
+        device="cpu",
+        progress=False,
+    )
     assert again["runs"][0]["seconds"] == first["seconds"]
 
 

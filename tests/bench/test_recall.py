@@ -12,15 +12,27 @@ from kvfree.bench.recall_grid import RecallGrid, grid
 from kvfree.bench.recall_report import best_lrs
 from kvfree.tasks import seed_split
 
-MODELS = ["tiny-linear[d_model=16]", "recall-attention[d_model=16]",
-          "recall-mamba2-ska-prefix[d_model=16]"]
+MODELS = [
+    "tiny-linear[d_model=16]",
+    "recall-attention[d_model=16]",
+    "recall-mamba2-ska-prefix[d_model=16]",
+]
 
 
 def tiny(**kw) -> RecallGrid:
-    base = dict(name="tiny", task="mqar_gap",
-                cells=[{"num_kv_pairs": 2, "gap": 4}, {"num_kv_pairs": 2, "gap": 12}],
-                axes=("num_kv_pairs", "gap"), steps=3, batch_size=4, lrs=[1e-3],
-                warmup_steps=1, n_val=6, n_test=8, eval_batch=4)
+    base = dict(
+        name="tiny",
+        task="mqar_gap",
+        cells=[{"num_kv_pairs": 2, "gap": 4}, {"num_kv_pairs": 2, "gap": 12}],
+        axes=("num_kv_pairs", "gap"),
+        steps=3,
+        batch_size=4,
+        lrs=[1e-3],
+        warmup_steps=1,
+        n_val=6,
+        n_test=8,
+        eval_batch=4,
+    )
     return RecallGrid(**{**base, **kw})
 
 
@@ -60,8 +72,10 @@ def test_fixed_train_set_epochs():
 
 
 def test_best_lr_is_chosen_on_validation_not_test():
-    rows = [{"model": "m", "lr": 1e-3, "val_acc": 0.9, "test_acc": 0.1},
-            {"model": "m", "lr": 1e-2, "val_acc": 0.2, "test_acc": 0.99}]
+    rows = [
+        {"model": "m", "lr": 1e-3, "val_acc": 0.9, "test_acc": 0.1},
+        {"model": "m", "lr": 1e-2, "val_acc": 0.2, "test_acc": 0.99},
+    ]
     assert best_lrs(rows) == {"m": 1e-3}
 
 
@@ -94,8 +108,7 @@ def test_run_outputs_and_resume(tmp_path):
     third = R.run(g, MODELS, [0], tmp_path, progress=False, plots=False)
     assert third["meta"]["jobs_run"] == 1 and job_files[0].exists()
     # a changed grid does not reuse results
-    fourth = R.run(tiny(steps=4), MODELS[:1], [0], tmp_path / "other", progress=False,
-                   plots=False)
+    fourth = R.run(tiny(steps=4), MODELS[:1], [0], tmp_path / "other", progress=False, plots=False)
     assert fourth["meta"]["jobs_run"] == 1
 
     out = CliRunner().invoke(_app(), ["report", "recall", str(tmp_path)])
@@ -135,5 +148,7 @@ def test_main_job_presets_and_oracle_mask():
     assert masks == {m: m == "recall-mamba2-ska-prefix" for m in MAIN_MODELS}
     g = grid("cpu")
     assert {c["num_kv_pairs"] for c in g.cells} == {4, 8} and {c["gap"] for c in g.cells} == {
-        64, 256}
+        64,
+        256,
+    }
     assert g.lrs_for("recall-attention") == [1e-3] and g.lrs_for("recall-gdn") == [3e-3]

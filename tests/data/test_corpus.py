@@ -34,15 +34,20 @@ def test_normalize_whitespace_and_unicode():
 
 
 def test_brown_tags_removed_and_punctuation_attached():
-    out = clean.brown_detag("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ./.\n"
-                            "\n\tIt/pps (/( briefly/rb )/) ended/vbd ,/, said/vbd 1/2/cd ./.")
+    out = clean.brown_detag(
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ./.\n"
+        "\n\tIt/pps (/( briefly/rb )/) ended/vbd ,/, said/vbd 1/2/cd ./."
+    )
     assert out == 'The jury said "no evidence". It (briefly) ended, said 1/2.'
 
 
 def test_kjv_chapters_drop_verse_numbers_and_brackets():
     docs = clean.kjv_chapters(KJV)
-    assert docs == ["In the beginning God created the heaven. And the earth was was void.",
-                    "Thus the heavens were finished.", "Now the serpent was subtil."]
+    assert docs == [
+        "In the beginning God created the heaven. And the earth was was void.",
+        "Thus the heavens were finished.",
+        "Now the serpent was subtil.",
+    ]
     with pytest.raises(ValueError, match="Bible"):
         clean.kjv_chapters("print('no bible here')")
 
@@ -56,8 +61,9 @@ def test_shakespeare_split_into_acts():
 
 
 def test_wiki_extracts_skip_empty_and_clean():
-    docs = clean.wiki_extracts('{"B": {"extract": "b  text"}, "A": {"extract": "a"}, '
-                               '"C": {"extract": " "}}')
+    docs = clean.wiki_extracts(
+        '{"B": {"extract": "b  text"}, "A": {"extract": "a"}, "C": {"extract": " "}}'
+    )
     assert docs == ["A\n\na", "B\n\nb text"]
 
 
@@ -71,8 +77,10 @@ def test_build_writes_manifest_splits_and_licences(built):
         assert sum(s[sp]["docs"] for sp in ("train", "val", "test")) > 0
     # brown: 6 samples (README excluded); wiki: 12 (1 empty skipped); shakespeare: 2 plays × 2
     # acts + sonnets (the _gut_f folio excluded, a copied play's 2 acts dropped); kjv: 3
-    counts = {n: sum(s[sp]["docs"] for sp in ("train", "val", "test"))
-              for n, s in manifest["sources"].items()}
+    counts = {
+        n: sum(s[sp]["docs"] for sp in ("train", "val", "test"))
+        for n, s in manifest["sources"].items()
+    }
     assert counts == {"brown": 6, "wiki": 12, "shakespeare": 5, "kjv": 3}
     assert manifest["duplicates_dropped"] == 2
     corpus = load_built(built)
@@ -120,8 +128,9 @@ def test_data_build_command_uses_kvfree_cache(tmp_path, monkeypatch, no_network)
 
     monkeypatch.setenv("KVFREE_CACHE", str(tmp_path / "cache"))
     make_downloads(tmp_path / "cache" / "corpus" / "mini" / "downloads")
-    res = CliRunner().invoke(app, ["data", "build", "--name", "mini", "--val-frac", "0.2",
-                                   "--test-frac", "0.2"])
+    res = CliRunner().invoke(
+        app, ["data", "build", "--name", "mini", "--val-frac", "0.2", "--test-frac", "0.2"]
+    )
     assert res.exit_code == 0, res.output
     assert "| **total** |" in res.output and "CC BY-SA" in res.output
     assert (tmp_path / "cache" / "corpus" / "mini" / "manifest.json").exists()

@@ -34,8 +34,11 @@ def test_folder_of_files_one_document_each(tmp_path):
 
 
 def test_presplit_folder_like_wikitext(tmp_path):
-    for name, text in (("wiki.train.raw", "train text"), ("wiki.valid.raw", "valid text"),
-                       ("wiki.test.raw", "test text")):
+    for name, text in (
+        ("wiki.train.raw", "train text"),
+        ("wiki.valid.raw", "valid text"),
+        ("wiki.test.raw", "test text"),
+    ):
         (tmp_path / name).write_text(text)
     c = load_corpus(tmp_path)
     assert c.splits == {"train": ["train text"], "val": ["valid text"], "test": ["test text"]}
@@ -46,8 +49,11 @@ def test_hf_dataset_through_datasets(monkeypatch):
 
     def load_dataset(repo, config):
         calls.append((repo, config))
-        return {"train": {"text": [" = A = \n", "a line\n"]}, "validation": {"text": ["v\n"]},
-                "test": {"text": ["t\n"]}}
+        return {
+            "train": {"text": [" = A = \n", "a line\n"]},
+            "validation": {"text": ["v\n"]},
+            "test": {"text": ["t\n"]},
+        }
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     c = load_corpus("hf:wikitext:wikitext-103-raw-v1")

@@ -53,7 +53,7 @@ def test_eval_windows_cover_the_stream_once():
     x, y = eval_windows(TOKENS, 64)
     n = (len(TOKENS) - 1) // 64
     assert x.shape == (n, 64)
-    assert torch.equal(y.flatten(), torch.as_tensor(TOKENS[1:1 + n * 64], dtype=torch.long))
+    assert torch.equal(y.flatten(), torch.as_tensor(TOKENS[1 : 1 + n * 64], dtype=torch.long))
     xs, ys = eval_windows(TOKENS, 64, max_windows=3)
     assert xs.shape == (3, 64) and torch.equal(xs[0], x[0]) and torch.equal(xs[-1], x[-1])
     with pytest.raises(ValueError, match="shorter than seq_len"):

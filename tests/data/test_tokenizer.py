@@ -13,10 +13,15 @@ from kvfree.data.tokenizer import (
     from_spec,
 )
 
-TEXT = ("It was the best of times, it was the worst of times; café — naïve 東京 🙂\n\n"
-        "  indented\tline with  double  spaces and numbers 12345.\n")
-TRAIN = [f"The {w} of the {v} was seen in the {w}s of {v}." * 3
-         for w in ("king", "queen", "city", "river", "house") for v in ("north", "south")] * 4
+TEXT = (
+    "It was the best of times, it was the worst of times; café — naïve 東京 🙂\n\n"
+    "  indented\tline with  double  spaces and numbers 12345.\n"
+)
+TRAIN = [
+    f"The {w} of the {v} was seen in the {w}s of {v}." * 3
+    for w in ("king", "queen", "city", "river", "house")
+    for v in ("north", "south")
+] * 4
 
 
 @pytest.fixture(scope="module")

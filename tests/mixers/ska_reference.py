@@ -56,8 +56,9 @@ def gamma_of(m) -> torch.Tensor:
 
 def read(m, G, M, C, q):
     sig = whitened_sigma(G, M, m.cfg.eps, m.cfg.power_iters) if m.cfg.spectral_norm else None
-    return closed_form(G, M, C, q, gamma=gamma_of(m), eta=m.eta, eps=m.cfg.eps, K=m.cfg.K,
-                       sigma=sig)
+    return closed_form(
+        G, M, C, q, gamma=gamma_of(m), eta=m.eta, eps=m.cfg.eps, K=m.cfg.K, sigma=sig
+    )
 
 
 def project(m, h):
@@ -87,10 +88,16 @@ def token_loop(m, x, state, mask):
     for t in range(T):
         z, q, v = project(m, x[:, t])
         zh, qh = unit(z), unit(q)
-        sb = torch.sigmoid(m.beta_proj(x[:, t])).sqrt() if m.beta_proj is not None \
+        sb = (
+            torch.sigmoid(m.beta_proj(x[:, t])).sqrt()
+            if m.beta_proj is not None
             else torch.ones(B, H, dtype=x.dtype)
-        sm = mask[:, t, None].expand(B, H).sqrt() if mask is not None \
+        )
+        sm = (
+            mask[:, t, None].expand(B, H).sqrt()
+            if mask is not None
             else torch.ones(B, H, dtype=x.dtype)
+        )
         xw, uw = (sb * sm)[..., None] * zh, (sb * sm)[..., None] * v
         if m.beta_mode == "sqrt" or m.beta_proj is None:
             lw = pw = xw

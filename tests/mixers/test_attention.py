@@ -15,8 +15,7 @@ def rope_ref(x, p, base):
     """RoPE written independently of rope.py: pairs (x_i, x_{i+d/2}) as complex numbers."""
     half = x.shape[-1] // 2
     theta = base ** (-2.0 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
-    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(theta),
-                                                                   p * theta)
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(theta), p * theta)
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
@@ -84,8 +83,9 @@ def randn(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(num_heads=4, num_kv_heads=2),
-                                 dict(window=8, sinks=4), dict(window=5)])
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(num_heads=4, num_kv_heads=2), dict(window=8, sinks=4), dict(window=5)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_bytes_exact(cfg, dtype):
     """state_bytes = 2·T·n_kv·d_h·b per batch row (2·min(T, s+W)·… for windows), after
@@ -137,16 +137,24 @@ def test_max_len_preallocates_and_prefill_writes_in_place():
     assert st.filled == 40 and st.allocated_bytes() == 2 * 2 * 64 * m.n_kv * m.dh * 4
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(window=4, sinks=2),
-                                 dict(window=4, sinks=2, sink_positions="rolling")])
+@pytest.mark.parametrize(
+    "cfg", [dict(), dict(window=4, sinks=2), dict(window=4, sinks=2, sink_positions="rolling")]
+)
 def test_grad_state_is_not_written_in_place(cfg):
     """A state whose tensors are leaves requiring grad is left untouched by forward/step and
     receives gradients through both."""
     m = make(**cfg)
     with torch.no_grad():
         _, st = m(randn(2, 9, 16))
-    st = KVCache(st.k.clone().requires_grad_(), st.v.clone().requires_grad_(), st.length,
-                 st.filled, st.start, st.sinks, st.window)
+    st = KVCache(
+        st.k.clone().requires_grad_(),
+        st.v.clone().requires_grad_(),
+        st.length,
+        st.filled,
+        st.start,
+        st.sinks,
+        st.window,
+    )
     before = (st.k.detach().clone(), st.v.detach().clone())
     y1, s1 = m.step(randn(2, 16, seed=1), st)
     y2, s2 = m(randn(2, 3, 16, seed=2), st)
@@ -192,8 +200,9 @@ def test_positions_none_is_order_invariant_within_window():
     """Without RoPE, full attention at the last token is invariant to permuting the earlier
     tokens (a real check that no positional signal leaks in); with RoPE it is not."""
     x = randn(1, 12, 16)
-    perm = torch.cat([torch.randperm(11, generator=torch.Generator().manual_seed(3)),
-                      torch.tensor([11])])
+    perm = torch.cat(
+        [torch.randperm(11, generator=torch.Generator().manual_seed(3)), torch.tensor([11])]
+    )
     for positions, invariant in (("none", True), ("rope", False)):
         m = make(positions=positions)
         with torch.no_grad():
@@ -208,8 +217,9 @@ def test_long_parallel_forward_is_block_bounded(monkeypatch):
     real = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        calls.append((q.shape[-2], k.shape[-2], None if attn_mask is None else
-                      tuple(attn_mask.shape)))
+        calls.append(
+            (q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape))
+        )
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)

@@ -15,33 +15,36 @@ def delta_layer_reference(m, x, state, gated: bool):
     Bsz, T, _ = x.shape
     H, dk, dv, K, Cq = m.H, m.dk, m.dv, m.conv_size, m.qkv_dim
     S = state.S if state is not None else x.new_zeros(Bsz, H, dk, dv)
-    hist = list(state.conv.unbind(1)) if state is not None else \
-        [x.new_zeros(Bsz, Cq) for _ in range(K - 1)]
+    hist = (
+        list(state.conv.unbind(1))
+        if state is not None
+        else [x.new_zeros(Bsz, Cq) for _ in range(K - 1)]
+    )
     eye = torch.eye(dk, dtype=x.dtype)
     ys = []
     for t in range(T):
         u = m.in_proj(x[:, t])
         hist.append(u[:, :Cq])
-        win = hist[len(hist) - K:]
+        win = hist[len(hist) - K :]
         c = F.silu(sum(m.conv.weight[:, i] * win[i] for i in range(K)))
-        q = c[:, :H * dk].reshape(Bsz, H, dk)
-        k = c[:, H * dk:2 * H * dk].reshape(Bsz, H, dk)
+        q = c[:, : H * dk].reshape(Bsz, H, dk)
+        k = c[:, H * dk : 2 * H * dk].reshape(Bsz, H, dk)
         q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
         k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
-        v = c[:, 2 * H * dk:].reshape(Bsz, H, dv)
-        beta = torch.sigmoid(u[:, Cq:Cq + H])[..., None, None]
+        v = c[:, 2 * H * dk :].reshape(Bsz, H, dv)
+        beta = torch.sigmoid(u[:, Cq : Cq + H])[..., None, None]
         alpha = 1.0
         if gated:
-            a = u[:, Cq + H:Cq + 2 * H]
+            a = u[:, Cq + H : Cq + 2 * H]
             alpha = torch.exp(-torch.exp(m.A_log) * F.softplus(a + m.dt_bias))[..., None, None]
         kkT = k[..., :, None] * k[..., None, :]
         S = alpha * (eye - beta * kkT) @ S + beta * k[..., :, None] * v[..., None, :]
         o = m.scale * torch.einsum("bhkv,bhk->bhv", S, q)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + m.o_norm.eps) * m.o_norm.weight
         if gated:
-            o = o * F.silu(u[:, Cq + 2 * H:].reshape(Bsz, H, dv))
+            o = o * F.silu(u[:, Cq + 2 * H :].reshape(Bsz, H, dv))
         ys.append(m.o_proj(o.reshape(Bsz, H * dv)))
-    return torch.stack(ys, 1), DeltaNetState(S, torch.stack(hist[len(hist) - (K - 1):], 1))
+    return torch.stack(ys, 1), DeltaNetState(S, torch.stack(hist[len(hist) - (K - 1) :], 1))
 
 
 class TestDeltaNet(MixerContract):
@@ -63,14 +66,16 @@ def naive_delta_rule(q, k, v, beta, S0, scale, g=None):
         kt, b = k[:, t], beta[:, t, :, None, None]
         if g is not None:
             S = g[:, t].exp()[..., None, None] * S
-        S = S - b * kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :] \
+        S = (
+            S
+            - b * kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
             + b * kt[..., :, None] * v[:, t, :, None, :]
+        )
         os_.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     return torch.stack(os_, 1), S
 
 
-def core_inputs(T, *, b=2, H=3, dk=8, dv=5, gated=False, g_scale=1.0, seed=0,
-                dtype=torch.float64):
+def core_inputs(T, *, b=2, H=3, dk=8, dv=5, gated=False, g_scale=1.0, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
     q, k = F.normalize(r(b, T, H, dk), dim=-1), F.normalize(r(b, T, H, dk), dim=-1)

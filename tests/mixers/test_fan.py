@@ -122,7 +122,7 @@ def test_segsum_is_stable_and_masked():
     S = segsum(la)
     for t in range(10):
         for s in range(10):
-            want = la[:, s + 1:t + 1].sum(-1) if s <= t else torch.full((3,), -math.inf)
+            want = la[:, s + 1 : t + 1].sum(-1) if s <= t else torch.full((3,), -math.inf)
             assert torch.equal(S[:, t, s], want) or (S[:, t, s] - want).abs().max() < 1e-15
 
 
@@ -161,8 +161,9 @@ def test_position_term_uses_fixed_t_train():
     w, b = m.shared.W_pos.weight[0].detach(), m.shared.W_pos.bias[0].detach()
     want = w[0] * torch.sin(math.pi * t / 31) + w[1] * torch.cos(math.pi * t / 31) + b
     assert (s[0] - want).abs().max() < 1e-14
-    assert (p[0, :, 0] - (0.5 * torch.sigmoid(want + m.shared.mu.detach()) + 1e-4)).abs().max() \
-        < 1e-14
+    assert (
+        p[0, :, 0] - (0.5 * torch.sigmoid(want + m.shared.mu.detach()) + 1e-4)
+    ).abs().max() < 1e-14
 
 
 def test_write_rate_range_and_init():

@@ -37,8 +37,9 @@ def test_alpha_one_core_equals_deltanet_core():
     """g ≡ 0 (α ≡ 1) through the gated path = the DeltaNet path (g=None), and both = naive."""
     q, k, v, beta, S0 = core_inputs(100)
     o_d, S_d = delta_rule_chunked(q, k, v, beta, S0, scale=0.4, chunk_size=16)
-    o_g, S_g = delta_rule_chunked(q, k, v, beta, S0, g=torch.zeros_like(beta), scale=0.4,
-                                  chunk_size=16)
+    o_g, S_g = delta_rule_chunked(
+        q, k, v, beta, S0, g=torch.zeros_like(beta), scale=0.4, chunk_size=16
+    )
     assert_close("output", o_d, o_g, **F64)
     assert_close("state", S_d, S_g, **F64)
     o_n, _ = naive_delta_rule(q, k, v, beta, S0, 0.4)
@@ -53,7 +54,7 @@ def test_alpha_one_layer_equals_deltanet():
     dn = build_mixer("deltanet", 16, chunk_size=16).double()
     with torch.no_grad():
         gdn.A_log.fill_(float("-inf"))
-        dn.in_proj.weight.copy_(gdn.in_proj.weight[:dn.in_proj.out_features])
+        dn.in_proj.weight.copy_(gdn.in_proj.weight[: dn.in_proj.out_features])
         dn.conv.weight.copy_(gdn.conv.weight)
         x = torch.randn(2, 70, 16, dtype=torch.float64)
         _, s_g = gdn(x)

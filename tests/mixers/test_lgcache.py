@@ -24,8 +24,11 @@ def cache_reference_loop(x_keys, x_query, s, state, W, K, read):
         ring = {}  # idx -> x  (all tokens whose x we hold for the window)
         for j in range(max(0, pos - W), pos):
             ring[j] = state.ring[b, j % W]
-        cands = [(state.heap_s[b, k].item(), int(state.heap_idx[b, k]), state.heap_x[b, k])
-                 for k in range(K) if state.heap_idx[b, k] >= 0]
+        cands = [
+            (state.heap_s[b, k].item(), int(state.heap_idx[b, k]), state.heap_x[b, k])
+            for k in range(K)
+            if state.heap_idx[b, k] >= 0
+        ]
         row = []
         for i in range(T):
             t = pos + i
@@ -33,8 +36,9 @@ def cache_reference_loop(x_keys, x_query, s, state, W, K, read):
             for _, j, v in sorted(cands, key=lambda e: (-e[0], e[1]))[:K]:
                 visible.setdefault(j, v)  # a window token is read from the ring
             keys = [visible[j] for j in sorted(visible)]
-            row.append(read(b, i, torch.stack(keys)) if keys else
-                       torch.zeros(D, dtype=x_query.dtype))
+            row.append(
+                read(b, i, torch.stack(keys)) if keys else torch.zeros(D, dtype=x_query.dtype)
+            )
             ring[t] = x_keys[b, i]
             cands.append((s[b, i].item(), t, x_keys[b, i]))
         outs.append(torch.stack(row))
@@ -44,16 +48,24 @@ def cache_reference_loop(x_keys, x_query, s, state, W, K, read):
             rslots[j % W] = ring[j]
         top = sorted(sorted(cands, key=lambda e: (-e[0], e[1]))[:K], key=lambda e: e[1])
         pad = K - len(top)
-        heaps.append((
-            torch.stack([torch.zeros(D, dtype=x_keys.dtype)] * pad + [e[2] for e in top])
-            if K else x_keys.new_zeros(0, D),
-            torch.tensor([0.0] * pad + [e[0] for e in top], dtype=x_keys.dtype),
-            torch.tensor([-1] * pad + [e[1] for e in top], dtype=torch.int64)))
+        heaps.append(
+            (
+                torch.stack([torch.zeros(D, dtype=x_keys.dtype)] * pad + [e[2] for e in top])
+                if K
+                else x_keys.new_zeros(0, D),
+                torch.tensor([0.0] * pad + [e[0] for e in top], dtype=x_keys.dtype),
+                torch.tensor([-1] * pad + [e[1] for e in top], dtype=torch.int64),
+            )
+        )
         rings.append(torch.stack(rslots) if W else x_keys.new_zeros(0, D))
     heap_x = torch.stack([h[0] for h in heaps])
-    return torch.stack(outs), fc.CacheState(torch.stack(rings), heap_x,
-                                            torch.stack([h[1] for h in heaps]),
-                                            torch.stack([h[2] for h in heaps]), pos + T)
+    return torch.stack(outs), fc.CacheState(
+        torch.stack(rings),
+        heap_x,
+        torch.stack([h[1] for h in heaps]),
+        torch.stack([h[2] for h in heaps]),
+        pos + T,
+    )
 
 
 class TestLocalGlobalCache(MixerContract):
@@ -117,7 +129,7 @@ def test_first_token_reads_nothing_and_rows_are_independent():
         y, _ = run_steps(m, x)
         assert y[:, 0].abs().max() == 0
         for b in range(3):
-            yb, _ = run_steps(m, x[b:b + 1])
+            yb, _ = run_steps(m, x[b : b + 1])
             assert (yb[0] - y[b]).abs().max() < 1e-13
 
 

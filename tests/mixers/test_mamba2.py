@@ -24,19 +24,22 @@ class TestMamba2(MixerContract):
         H, P, N, G, K, d_in = m.H, m.P, m.N, m.G, m.d_conv, m.d_in
         GN = G * N
         h = state.ssm if state is not None else x.new_zeros(Bsz, H, P, N)
-        hist = list(state.conv.unbind(1)) if state is not None else \
-            [x.new_zeros(Bsz, m.conv_dim) for _ in range(K - 1)]
+        hist = (
+            list(state.conv.unbind(1))
+            if state is not None
+            else [x.new_zeros(Bsz, m.conv_dim) for _ in range(K - 1)]
+        )
         group = torch.tensor([hd // (H // G) for hd in range(H)])
         ys = []
         for t in range(T):
             u = m.in_proj(x[:, t])
-            z, xbc, dt = u[:, :d_in], u[:, d_in:d_in + m.conv_dim], u[:, -H:]
+            z, xbc, dt = u[:, :d_in], u[:, d_in : d_in + m.conv_dim], u[:, -H:]
             hist.append(xbc)
-            win = hist[len(hist) - K:]
+            win = hist[len(hist) - K :]
             c = F.silu(m.conv.bias + sum(m.conv.weight[:, i] * win[i] for i in range(K)))
             xs = c[:, :d_in].reshape(Bsz, H, P)
-            Bh = c[:, d_in:d_in + GN].reshape(Bsz, G, N)[:, group]
-            Ch = c[:, d_in + GN:].reshape(Bsz, G, N)[:, group]
+            Bh = c[:, d_in : d_in + GN].reshape(Bsz, G, N)[:, group]
+            Ch = c[:, d_in + GN :].reshape(Bsz, G, N)[:, group]
             delta = F.softplus(dt + m.dt_bias)
             a = torch.exp(-torch.exp(m.A_log) * delta)
             h = a[:, :, None, None] * h + torch.einsum("bh,bhp,bhn->bhpn", delta, xs, Bh)
@@ -44,7 +47,7 @@ class TestMamba2(MixerContract):
             y = (y.reshape(Bsz, d_in) * F.silu(z)).reshape(Bsz, G, d_in // G)
             y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + m.eps)
             ys.append(m.out_proj(y.reshape(Bsz, d_in) * m.norm_weight))
-        return torch.stack(ys, 1), Mamba2State(h, torch.stack(hist[len(hist) - (K - 1):], 1))
+        return torch.stack(ys, 1), Mamba2State(h, torch.stack(hist[len(hist) - (K - 1) :], 1))
 
 
 def naive_ssd(X, dA, B, C, h0):
@@ -70,7 +73,7 @@ def test_segsum_equals_explicit_sums():
     for i in range(9):
         for j in range(9):
             if i >= j:
-                assert torch.allclose(s[:, i, j], x[:, j + 1:i + 1].sum(-1), atol=1e-14)
+                assert torch.allclose(s[:, i, j], x[:, j + 1 : i + 1].sum(-1), atol=1e-14)
             else:
                 assert torch.isneginf(s[:, i, j]).all()
 

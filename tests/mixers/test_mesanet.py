@@ -54,7 +54,7 @@ def mesa_reference(m, x, state):
         o = torch.einsum("bhd,bhdv->bhv", xs, Hkv)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + m.o_norm.eps) * m.o_norm.weight
         ys.append(m.o_proj(o.reshape(B, H * dv)))
-    buf = (lambda h: torch.stack(h[len(h) - (K - 1):], 1) if K > 1 else x.new_zeros(B, 0, H * dk))
+    buf = lambda h: torch.stack(h[len(h) - (K - 1) :], 1) if K > 1 else x.new_zeros(B, 0, H * dk)
     return torch.stack(ys, 1), MesaNetState(Hkk, Hkv, buf(hq), buf(hk))
 
 
@@ -82,8 +82,9 @@ def core_inputs(B=2, T=50, H=3, dk=4, dv=5, seed=0, strong=False):
     beta = torch.sigmoid(randn(B, T, H, seed=seed + 3))
     a = randn(B, T, H, seed=seed + 4) * (8.0 if strong else 1.0)
     log_gamma = F.logsigmoid(a - (20.0 if strong else 0.0) * (a < -2))  # some γ ≈ e^-25
-    lam = 0.25 + torch.rand(H, dk, generator=torch.Generator().manual_seed(seed + 5),
-                            dtype=torch.float64)
+    lam = 0.25 + torch.rand(
+        H, dk, generator=torch.Generator().manual_seed(seed + 5), dtype=torch.float64
+    )
     return q, k, v, beta, log_gamma, lam
 
 
@@ -146,8 +147,7 @@ def test_core_is_weighted_ridge_regression():
             X = torch.cat([w * k[0, : t + 1, h], torch.diag(lam[h].sqrt())])
             Y = torch.cat([w * v[0, : t + 1, h], v.new_zeros(4, 5)])
             Z = torch.linalg.lstsq(X, Y).solution  # [d_k, d_v]
-            assert_close(f"ridge t={t} h={h}", Z.T @ q[0, t, h], o[0, t, h], atol=1e-12,
-                         ratio=1e-9)
+            assert_close(f"ridge t={t} h={h}", Z.T @ q[0, t, h], o[0, t, h], atol=1e-12, ratio=1e-9)
 
 
 def test_step_core_equals_chunked_core():
@@ -155,8 +155,9 @@ def test_step_core_equals_chunked_core():
     o, st = mesa_core(q, k, v, beta, None, lam, log_gamma=lg, chunk_size=6)
     st2, outs = None, []
     for t in range(20):
-        ot, st2 = mesa_step(q[:, t], k[:, t], v[:, t], beta[:, t], None, lam, st2,
-                            log_gamma=lg[:, t])
+        ot, st2 = mesa_step(
+            q[:, t], k[:, t], v[:, t], beta[:, t], None, lam, st2, log_gamma=lg[:, t]
+        )
         outs.append(ot)
     assert_close("step core output", o, torch.stack(outs, 1), **F64)
     assert_close("step core H_kk", st[0], st2[0], **F64)
@@ -184,8 +185,15 @@ def test_gates_off_means_beta_gamma_one():
         st = m.init_state(2, dtype=torch.float64)
         q, k, v, beta, lg, _, _ = m._features(x, st, step=False)
         assert beta is None and lg is None
-        o, _ = mesa_core(q, k, v, torch.ones(2, 30, 2, dtype=torch.float64),
-                         torch.ones(2, 30, 2, dtype=torch.float64), m.lam(), chunk_size=16)
+        o, _ = mesa_core(
+            q,
+            k,
+            v,
+            torch.ones(2, 30, 2, dtype=torch.float64),
+            torch.ones(2, 30, 2, dtype=torch.float64),
+            m.lam(),
+            chunk_size=16,
+        )
         y, _ = m(x)
     assert_close("gates off = explicit ones", m._out(o), y, **F64)
 
@@ -206,8 +214,9 @@ def test_singular_system_is_repaired_and_counted():
     repair is counted and the output stays finite."""
     q, k, v, beta, lg, _ = core_inputs(B=1, T=1, H=1)
     counter = FallbackCounter()
-    o, _ = mesa_core(q, k, v, beta, None, torch.zeros(1, 4, dtype=torch.float64),
-                     log_gamma=lg, counter=counter)
+    o, _ = mesa_core(
+        q, k, v, beta, None, torch.zeros(1, 4, dtype=torch.float64), log_gamma=lg, counter=counter
+    )
     assert counter.total() >= 1 and torch.isfinite(o).all()
     m = build_mixer("mesanet", 16).to(torch.float64)
     with torch.no_grad():

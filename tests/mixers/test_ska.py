@@ -25,10 +25,18 @@ class TestSKACausal(MixerContract):
         dict(mode="chunk", chunk_size=16, **SMALL),
         dict(mode="chunk", chunk_size=16, boundary="inclusive", K=1, num_heads=2, rank=6),
         # asymmetric gate: σ̂ > 1 happens, so the spectral-normalisation clamp is exercised
-        dict(mode="chunk", chunk_size=16, beta_gate=True, beta_mode="asym", use_gain=False,
-             **SMALL),
-        dict(mode="token", K=3, beta_gate=True, num_heads=4, rank=3, out_init="layerscale",
-             layerscale_init=0.5),
+        dict(
+            mode="chunk", chunk_size=16, beta_gate=True, beta_mode="asym", use_gain=False, **SMALL
+        ),
+        dict(
+            mode="token",
+            K=3,
+            beta_gate=True,
+            num_heads=4,
+            rank=3,
+            out_init="layerscale",
+            layerscale_init=0.5,
+        ),
     ]
 
     def make(self, cfg, dtype=torch.float64):

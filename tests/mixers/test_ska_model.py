@@ -14,9 +14,15 @@ V = 40
 
 def model(mode: str, dtype=torch.float64, **ska) -> LanguageModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=32, layers=["mamba2", "ska"], mixer_options={
-        "mamba2": dict(head_dim=16, d_state=8),
-        "ska": dict(num_heads=4, rank=6, chunk_size=8, mode=mode, **ska)})
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        layers=["mamba2", "ska"],
+        mixer_options={
+            "mamba2": dict(head_dim=16, d_state=8),
+            "ska": dict(num_heads=4, rank=6, chunk_size=8, mode=mode, **ska),
+        },
+    )
     lm = LanguageModel(cfg)
     with torch.no_grad():  # out_proj is zero at init: make SKA's contribution visible
         lm.blocks[1].mixer.out_proj.weight.normal_(0, 0.2)
@@ -25,8 +31,7 @@ def model(mode: str, dtype=torch.float64, **ska) -> LanguageModel:
 
 def decode(lm, ids, split, mask=None):
     with torch.no_grad():
-        logits, state = lm.prefill(ids[:, :split], mask=None if mask is None else
-                                   mask[:, :split])
+        logits, state = lm.prefill(ids[:, :split], mask=None if mask is None else mask[:, :split])
         outs = [logits]
         for t in range(split, ids.shape[1]):
             lt, state = lm.step(ids[:, t], state)
@@ -123,7 +128,12 @@ def test_ablations_build_and_run(name):
 
 
 def test_bad_options_raise():
-    for kw, match in ((dict(rank=0), "rank"), (dict(K=-1), "K"), (dict(gamma_max=0.9), "gamma"),
-                      (dict(beta_mode="cube"), "beta_mode"), (dict(num_heads=5), "divisible")):
+    for kw, match in (
+        (dict(rank=0), "rank"),
+        (dict(K=-1), "K"),
+        (dict(gamma_max=0.9), "gamma"),
+        (dict(beta_mode="cube"), "beta_mode"),
+        (dict(num_heads=5), "divisible"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_mixer("ska", 16, **kw)

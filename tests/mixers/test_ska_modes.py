@@ -28,8 +28,7 @@ def make(**kw):
 
 
 def inputs(T, B=2, seed=0):
-    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def prefix_mask(B, T, a):
@@ -38,8 +37,9 @@ def prefix_mask(B, T, a):
 
 def oracle(m, G, M, C, q):
     sig = whitened_sigma(G, M, m.cfg.eps, m.cfg.power_iters) if m.cfg.spectral_norm else None
-    return closed_form(G, M, C, q, gamma=gamma_of(m), eta=m.eta, eps=m.cfg.eps, K=m.cfg.K,
-                       sigma=sig)
+    return closed_form(
+        G, M, C, q, gamma=gamma_of(m), eta=m.eta, eps=m.cfg.eps, K=m.cfg.K, sigma=sig
+    )
 
 
 # ----- prefix / masked modes --------------------------------------------------------------
@@ -51,8 +51,9 @@ PREFIX_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", PREFIX_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
-                                                                          c.items()))
+@pytest.mark.parametrize(
+    "cfg", PREFIX_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 class TestPrefixModes:
     T, A = 50, 23  # sequence length, prefix length
 
@@ -74,11 +75,11 @@ class TestPrefixModes:
             # chunked prefill inside the prefix: identical from the prefix end on
             y1, s1 = m(x[:, :9], None, mask[:, :9])
             y2, s2 = m(x[:, 9:], s1, mask[:, 9:])
-            assert_close("split inside prefix", y[:, self.A:], y2[:, self.A - 9:], **F64)
+            assert_close("split inside prefix", y[:, self.A :], y2[:, self.A - 9 :], **F64)
             assert_states_close("split inside prefix, state", s, s2, **F64)
             # step-by-step with the mask reproduces the last positions too
             y4, s4 = run_steps(m, x, None, mask)
-            assert_close("stepwise with mask", y[:, self.A:], y4[:, self.A:], **F64)
+            assert_close("stepwise with mask", y[:, self.A :], y4[:, self.A :], **F64)
             assert_states_close("stepwise state", s, s4, **F64)
 
     def test_operator_from_prefix_applied_everywhere(self, cfg):
@@ -86,7 +87,7 @@ class TestPrefixModes:
         x = inputs(self.T)
         mask = prefix_mask(2, self.T, self.A)
         if m.mode == "masked":  # an arbitrary action mask
-            mask = (torch.rand(2, self.T, generator=torch.Generator().manual_seed(3)) < 0.6)
+            mask = torch.rand(2, self.T, generator=torch.Generator().manual_seed(3)) < 0.6
             mask = mask.double()
         with torch.no_grad():
             y = core_out(m, x, None, mask)[0]

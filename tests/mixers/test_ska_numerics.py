@@ -36,8 +36,8 @@ def test_k0_is_the_ridge_prediction():
         eps = m.cfg.eps
         for t in (0, 2, 5, 11):
             for h in range(m.H):
-                Z = torch.cat([zh[0, :t + 1, h], eps**0.5 * torch.eye(m.r, dtype=x.dtype)])
-                V = torch.cat([v[0, :t + 1, h], torch.zeros(m.r, m.P, dtype=x.dtype)])
+                Z = torch.cat([zh[0, : t + 1, h], eps**0.5 * torch.eye(m.r, dtype=x.dtype)])
+                V = torch.cat([v[0, : t + 1, h], torch.zeros(m.r, m.P, dtype=x.dtype)])
                 Bt = torch.linalg.lstsq(Z, V).solution.T  # [P, r]
                 ref = 1.7 * Bt @ qh[0, t, h]
                 assert torch.allclose(y[t, h], ref, atol=1e-9 * ref.abs().max().item())
@@ -76,10 +76,10 @@ def test_k2_closed_form(spectral_norm):
             if spectral_norm:
                 L = torch.linalg.cholesky(G + m.cfg.eps * torch.eye(m.r, dtype=G.dtype))
                 Aw = torch.linalg.solve_triangular(
-                    L, torch.linalg.solve_triangular(L, M, upper=False).mT, upper=False).mT
+                    L, torch.linalg.solve_triangular(L, M, upper=False).mT, upper=False
+                ).mT
                 sig = power_iteration_sigma(Aw, 6)
-            ref = closed_form(G, M, C, qh[:, t], gamma=gamma, eta=1.5, eps=1e-3, K=2,
-                              sigma=sig)
+            ref = closed_form(G, M, C, qh[:, t], gamma=gamma, eta=1.5, eps=1e-3, K=2, sigma=sig)
             assert torch.allclose(y[:, t], ref, rtol=1e-9, atol=1e-12), t
     if spectral_norm:
         assert m.diagnostics["sigma_max"] > 1 and 0 < m.diagnostics["frac_clamped"] < 1
@@ -130,7 +130,7 @@ def test_gauge_invariance(monkeypatch, mode):
         monkeypatch.setattr(core, "robust_factor", _eigen_factor)
         y_eig = core_out(m, x, None, mask)
     assert torch.allclose(y_chol[0], y_eig[0], rtol=1e-9, atol=1e-11)
-    assert (y_chol[0].abs().max() > 1e-3)
+    assert y_chol[0].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", ["token", "chunk", "prefix"])

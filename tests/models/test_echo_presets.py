@@ -37,8 +37,15 @@ def test_analytic_count_equals_the_built_model():
 def layer(name: str, i: int):
     """Layer ``i`` of preset ``name`` built alone on the CPU: (mixer, MLP)."""
     cfg = preset(name)
-    one = LanguageModel(replace(cfg, layers=[cfg.layers[i]], layer_options={}, vocab_size=1,
-                                mixer_options={cfg.layers[i]: cfg.options_for(i)}))
+    one = LanguageModel(
+        replace(
+            cfg,
+            layers=[cfg.layers[i]],
+            layer_options={},
+            vocab_size=1,
+            mixer_options={cfg.layers[i]: cfg.options_for(i)},
+        )
+    )
     return one.blocks[0].mixer, one.blocks[0].mlp
 
 

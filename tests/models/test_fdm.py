@@ -49,8 +49,9 @@ class TestFDMBlock(MixerContract):
         xh = m.ln_x(x) if m.ln_x is not None else m.ln_1(x)
         ys, ss = [], []
         for i in range(T):
-            y, s, buf, h1, h2 = fan_step_ref(m.wave, xh[:, i], m.ln_1(x[:, i]), ws.pos + i,
-                                             buf, h1, h2)
+            y, s, buf, h1, h2 = fan_step_ref(
+                m.wave, xh[:, i], m.ln_1(x[:, i]), ws.pos + i, buf, h1, h2
+            )
             ys.append(y)
             ss.append(s)
         z = x + torch.stack(ys, 1)
@@ -76,8 +77,15 @@ def fdm_model(T_max=None, dtype=torch.float64, **opts) -> LanguageModel:
     torch.manual_seed(0)
     opts = {"window": 4, "top_k": 3, "init_std": 0.3, **opts}
     kw = dict(pos_emb="learned", max_len=T_max) if T_max else {}
-    cfg = ModelConfig(vocab_size=V, d_model=16, layers=["fdm", "fdm"], norm="layer",
-                      mixer_options={"fdm": opts}, init_std=0.3, **kw)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=16,
+        layers=["fdm", "fdm"],
+        norm="layer",
+        mixer_options={"fdm": opts},
+        init_std=0.3,
+        **kw,
+    )
     return LanguageModel(cfg).to(dtype).eval()
 
 
@@ -182,7 +190,7 @@ def test_decode_rows_are_independent():
     ids = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(6))
     got, _ = decode(model, ids, 2)
     for b in range(3):
-        alone, _ = decode(model, ids[b:b + 1], 2)
+        alone, _ = decode(model, ids[b : b + 1], 2)
         assert (alone[0] - got[b]).abs().max() < 1e-12
 
 
@@ -212,8 +220,7 @@ def test_bf16_model_decodes_with_fp32_scores_and_constant_state():
     _, s16 = model.prefill(ids[:, :16])
     assert kvfree.state_bytes(state) == kvfree.state_bytes(s16)
     layer = state.layers[0]
-    assert layer.cache.heap_s.dtype == layer.wave.h1.dtype == layer.wave.conv.dtype \
-        == torch.float32
+    assert layer.cache.heap_s.dtype == layer.wave.h1.dtype == layer.wave.conv.dtype == torch.float32
     assert torch.isfinite(got.float()).all()
     for x in (full, got):
         rel = ((x.float() - want).norm() / want.norm()).item()
@@ -275,7 +282,7 @@ def test_mask_properties():
     s_tie = torch.zeros(1, T, dtype=torch.float64)  # all tied: the earliest K win
     mt = fc.causal_topk_mask(s_tie, W, K)
     for tt in range(K, T):
-        assert mt[0, tt, :K].all() and not mt[0, tt, K:max(K, tt - W)].any()
+        assert mt[0, tt, :K].all() and not mt[0, tt, K : max(K, tt - W)].any()
 
 
 def test_mask_row_sizes_at_paper_scale():
@@ -294,8 +301,11 @@ def test_mask_row_sizes_at_paper_scale():
 def test_position_term_and_mu_are_shared_across_layers():
     model = fdm_model()
     names = [n for n, _ in model.named_parameters() if ".shared." in n]
-    assert names == ["blocks.0.wave.shared.mu", "blocks.0.wave.shared.W_pos.weight",
-                     "blocks.0.wave.shared.W_pos.bias"]
+    assert names == [
+        "blocks.0.wave.shared.mu",
+        "blocks.0.wave.shared.W_pos.weight",
+        "blocks.0.wave.shared.W_pos.bias",
+    ]
     assert model.blocks[1].wave.shared is model.blocks[0].wave.shared
     clone = copy.deepcopy(model)
     assert clone.blocks[1].wave.shared is clone.blocks[0].wave.shared
@@ -324,8 +334,11 @@ def test_137m_parameter_count_matches_the_paper():
     total = sum(p.numel() for p in m.parameters())
     assert total == paper_params("fdm-137m") == 137_063_356
     blk = m.blocks[0]
-    cache = sum(p.numel() for mod in (blk.ln_x, blk.ln_h, blk.W_q, blk.W_k, blk.W_v, blk.W_g)
-                for p in mod.parameters())
+    cache = sum(
+        p.numel()
+        for mod in (blk.ln_x, blk.ln_h, blk.W_q, blk.W_k, blk.W_v, blk.W_g)
+        for p in mod.parameters()
+    )
     assert cache == 1_331_712  # fdm.md §3.2
     tf = sum(p.numel() for p in meta_model("fdm-137m-transformer").parameters())
     assert abs(tf / total - 1) < 0.10  # §8.1 [project]: depth-matched within 10 %
@@ -363,8 +376,7 @@ def tiny_batches(step):
 def test_freeze_scan_schedule_in_the_trainer():
     model = fdm_model(dtype=torch.float32)
     sched = FreezeScan(phase1_steps=3, phase2_lr=5e-3, phase2_warmup=0, min_lr_ratio=0.1)
-    cfg = TrainConfig(steps=7, lr=1e-2, warmup_steps=0, device="cpu", progress=False,
-                      log_every=1)
+    cfg = TrainConfig(steps=7, lr=1e-2, warmup_steps=0, device="cpu", progress=False, log_every=1)
     tr = Trainer(model, cfg, tiny_batches, schedule=sched)
     snap = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
     p0 = snap()

@@ -97,8 +97,13 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="unknown mixer name: 'atention' \\(did you mean"):
         LanguageModel(ModelConfig(vocab_size=V, layers=["atention"]))
     with pytest.raises(ValueError, match="unknown option for mixer 'linear_attention': 'heads'"):
-        LanguageModel(ModelConfig(vocab_size=V, layers=["linear_attention"],
-                                  mixer_options={"linear_attention": {"heads": 4}}))
+        LanguageModel(
+            ModelConfig(
+                vocab_size=V,
+                layers=["linear_attention"],
+                mixer_options={"linear_attention": {"heads": 4}},
+            )
+        )
     with pytest.raises(ValueError, match="unknown model config key: 'd_modle'"):
         ModelConfig.from_dict({"vocab_size": V, "d_modle": 3})
     with pytest.raises(ValueError, match="does not take a write mask"):
@@ -106,9 +111,13 @@ def test_errors_are_clear():
 
 
 def test_config_roundtrip_and_layer_options():
-    cfg = ModelConfig(vocab_size=V, d_model=32, layers=["linear_attention", "linear_attention"],
-                      mixer_options={"linear_attention": {"num_heads": 4}},
-                      layer_options={1: {"normalize": False}})
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        layers=["linear_attention", "linear_attention"],
+        mixer_options={"linear_attention": {"num_heads": 4}},
+        layer_options={1: {"normalize": False}},
+    )
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg
     model = LanguageModel(again)

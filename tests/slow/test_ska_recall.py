@@ -46,8 +46,11 @@ RUNS = {
 
 def data(seed: int, n: int):
     d = make("mqar_gap", seed, num_examples=n, num_kv_pairs=M, gap=GAP)
-    return (torch.from_numpy(d.inputs), torch.from_numpy(d.labels),
-            torch.from_numpy(d.masks["prefix"]).double())
+    return (
+        torch.from_numpy(d.inputs),
+        torch.from_numpy(d.labels),
+        torch.from_numpy(d.masks["prefix"]).double(),
+    )
 
 
 def build(name: str, seed: int, **model_kw) -> tuple[LanguageModel, bool]:
@@ -72,8 +75,10 @@ def predict(model, inputs, mask, use_mask, batch=250) -> torch.Tensor:
     preds = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
-            logits, _ = model(inputs[i:i + batch],
-                              mask=mask[i:i + batch].to(torch.float32) if use_mask else None)
+            logits, _ = model(
+                inputs[i : i + batch],
+                mask=mask[i : i + batch].to(torch.float32) if use_mask else None,
+            )
             preds.append(logits.argmax(-1))
     return torch.cat(preds)
 
@@ -88,15 +93,26 @@ def accuracy_by_pair(model, inputs, labels, mask, use_mask) -> list[float]:
     preds = predict(model, inputs, mask, use_mask)
     q0 = 2 * M + GAP
     qkeys = inputs[:, q0::2]  # [N, M]
-    slot = (qkeys[:, :, None] == inputs[:, None, 0:2 * M:2]).float().argmax(-1)  # [N, M]
+    slot = (qkeys[:, :, None] == inputs[:, None, 0 : 2 * M : 2]).float().argmax(-1)  # [N, M]
     ok = (preds[:, q0::2] == labels[:, q0::2]).float()
     return [round(ok[slot == i].mean().item(), 3) for i in range(M)]
 
 
-def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int = 64,
-                 seed: int = 0, eval_every: int = 100, n_eval: int = 1000,
-                 weight_decay: float = 0.1, grad_clip: float = 1.0, min_lr_ratio: float = 0.1,
-                 verbose: bool = False, **model_kw) -> dict:
+def train_recall(
+    name: str,
+    *,
+    steps: int = 2000,
+    lr: float = 3e-3,
+    batch: int = 64,
+    seed: int = 0,
+    eval_every: int = 100,
+    n_eval: int = 1000,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    min_lr_ratio: float = 0.1,
+    verbose: bool = False,
+    **model_kw,
+) -> dict:
     """Train ``name`` from scratch; returns final accuracy on ``n_eval`` held-out examples and
     the first evaluated step whose accuracy reached 0.95 (None if never; evaluations during
     training use the first 250 held-out examples)."""
@@ -111,26 +127,48 @@ def train_recall(name: str, *, steps: int = 2000, lr: float = 3e-3, batch: int =
             out["mask"] = mask.to(torch.float32)
         return out
 
-    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=min(100, steps // 10),
-                      weight_decay=weight_decay, grad_clip=grad_clip, min_lr_ratio=min_lr_ratio,
-                      eval_every=eval_every, log_every=eval_every, seed=seed, device="cpu",
-                      amp="none", progress=False)
+    cfg = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(100, steps // 10),
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        min_lr_ratio=min_lr_ratio,
+        eval_every=eval_every,
+        log_every=eval_every,
+        seed=seed,
+        device="cpu",
+        amp="none",
+        progress=False,
+    )
     t0 = time.time()
+
     def evaluate(m):
         acc = accuracy(m, *(test if trainer.step >= steps else quick), use_mask)
         if verbose:
-            print(f"  {name} step {trainer.step}: held-out acc {acc:.3f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"  {name} step {trainer.step}: held-out acc {acc:.3f} ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
         return {"acc": acc}
 
     trainer = Trainer(model, cfg, batches, eval_fn=evaluate)
     trainer.fit()
     evals = [(r["step"], r["eval/acc"]) for r in trainer.history if "eval/acc" in r]
     reached = next((s for s, a in evals if a >= 0.95), None)
-    return {"name": name, "seed": seed, "steps": steps, "lr": lr, "batch": batch,
-            "acc": evals[-1][1], "steps_to_0.95": reached, "wall_s": round(time.time() - t0, 1),
-            "curve": evals, "params": model.num_parameters(),
-            "acc_by_pair": accuracy_by_pair(model, *test, use_mask)}
+    return {
+        "name": name,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "batch": batch,
+        "acc": evals[-1][1],
+        "steps_to_0.95": reached,
+        "wall_s": round(time.time() - t0, 1),
+        "curve": evals,
+        "params": model.num_parameters(),
+        "acc_by_pair": accuracy_by_pair(model, *test, use_mask),
+    }
 
 
 #: name -> training budget of the slow test (the causal model binds later than the oracle one)
@@ -158,8 +196,16 @@ if __name__ == "__main__":
     for a in sys.argv[1:]:
         if "=" in a:
             k, v = a.split("=")
-            if k in ("steps", "batch", "seed", "eval_every", "n_eval", "d_model",
-                     "tie_embeddings", "final_norm"):
+            if k in (
+                "steps",
+                "batch",
+                "seed",
+                "eval_every",
+                "n_eval",
+                "d_model",
+                "tie_embeddings",
+                "final_norm",
+            ):
                 kw[k] = int(v)
             elif k in ("mlp", "norm"):
                 kw[k] = v

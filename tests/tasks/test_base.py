@@ -97,8 +97,16 @@ def test_example_accuracy():
 
 
 def test_registry_and_strict_options():
-    assert {"mqar", "mqar_gap", "fdm_mqar", "niah", "multihop", "sysprompt", "tooltrace",
-            "commonword"} <= set(task_names())
+    assert {
+        "mqar",
+        "mqar_gap",
+        "fdm_mqar",
+        "niah",
+        "multihop",
+        "sysprompt",
+        "tooltrace",
+        "commonword",
+    } <= set(task_names())
     with pytest.raises(ValueError, match="did you mean 'num_kv_pairs'"):
         task_config("mqar_gap", num_kv_pair=3)
     with pytest.raises(ValueError, match="unknown task"):

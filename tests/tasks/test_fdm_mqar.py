@@ -13,20 +13,20 @@ def test_layout_and_labels(setting):
     d = make("fdm_mqar", 42, num_examples=300, seq_len=L, num_kv_pairs=n)
     x, y = d.inputs, d.labels
     assert x.shape == y.shape == (300, L) and d.vocab_size == VOCAB == 522
-    keys, values = x[:, 0:2 * n:2], x[:, 1:2 * n:2]
+    keys, values = x[:, 0 : 2 * n : 2], x[:, 1 : 2 * n : 2]
     assert ((keys >= 0) & (keys < 128)).all() and ((values >= 128) & (values < 256)).all()
     assert all(len(set(r)) == n for r in keys.tolist()), "keys are distinct per sequence"
     q0 = 2 * n
-    assert (x[:, q0:q0 + 8:2] == SEP).all()
-    qk = x[:, q0 + 1:q0 + 8:2]
+    assert (x[:, q0 : q0 + 8 : 2] == SEP).all()
+    qk = x[:, q0 + 1 : q0 + 8 : 2]
     assert all(len(set(r)) == 4 for r in qk.tolist()), "queried keys are distinct"
-    assert (x[:, q0 + 8:] == PAD).all()
+    assert (x[:, q0 + 8 :] == PAD).all()
     scored = y != IGNORE
     assert scored.sum(1).tolist() == [4] * 300
     assert (np.nonzero(scored)[1].reshape(300, 4) == np.arange(q0 + 1, q0 + 8, 2)).all()
     for r in range(300):  # the label at a query key is the value stored with that key
         table = dict(zip(keys[r].tolist(), values[r].tolist()))
-        assert [table[k] for k in qk[r].tolist()] == y[r, q0 + 1:q0 + 8:2].tolist()
+        assert [table[k] for k in qk[r].tolist()] == y[r, q0 + 1 : q0 + 8 : 2].tolist()
     assert d.slices["num_kv_pairs"].tolist() == [n] * 300
 
 
@@ -46,8 +46,7 @@ def test_values_are_iid_and_queries_cover_all_pairs():
     assert counts.min() > 0.6 * counts.mean()  # uniform over the 128 values
     repeated = np.mean([len(set(r)) < 8 for r in values.tolist()])
     assert 0.1 < repeated < 0.3  # i.i.d. (not distinct): P(repeat) = 1 − Π(1 − i/128) ≈ 0.2
-    pos = [list(d.inputs[r, 0:16:2]).index(k) for r in range(4000)
-           for k in d.inputs[r, 17:24:2]]
+    pos = [list(d.inputs[r, 0:16:2]).index(k) for r in range(4000) for k in d.inputs[r, 17:24:2]]
     assert np.bincount(pos, minlength=8).min() > 0.8 * len(pos) / 8
 
 

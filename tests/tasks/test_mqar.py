@@ -16,10 +16,10 @@ def positions(d):
 
 
 def test_worked_example():
-    cfg = Config(num_examples=1, input_seq_len=16, num_kv_pairs=2, vocab_size=32,
-                 random_non_queries=False)
-    inputs, labels = _assemble(cfg, np.array([[2, 7]]), np.array([[20, 28]]),
-                               np.array([[2, 5]]))
+    cfg = Config(
+        num_examples=1, input_seq_len=16, num_kv_pairs=2, vocab_size=32, random_non_queries=False
+    )
+    inputs, labels = _assemble(cfg, np.array([[2, 7]]), np.array([[20, 28]]), np.array([[2, 5]]))
     assert inputs[0].tolist() == [2, 20, 7, 28, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 7, 0]
     assert {i: v for i, v in enumerate(labels[0]) if v != IGNORE} == {8: 20, 14: 28}
 
@@ -28,14 +28,23 @@ def test_worked_example():
 @pytest.mark.parametrize("L,K,P", [(64, 4, 1), (128, 8, 2), (16, 2, 1)])
 def test_semantics(mode, L, K, P):
     V = 32 if L == 16 else 512
-    d = make("mqar", 11, num_examples=300, input_seq_len=L, num_kv_pairs=K, vocab_size=V,
-             num_passes=P, random_non_queries=False, mode=mode)
+    d = make(
+        "mqar",
+        11,
+        num_examples=300,
+        input_seq_len=L,
+        num_kv_pairs=K,
+        vocab_size=V,
+        num_passes=P,
+        random_non_queries=False,
+        mode=mode,
+    )
     ctx = 2 * K * P
     assert d.inputs.shape == (300, L) and (d.inputs >= 0).all() and (d.inputs < V).all()
-    keys, vals = d.inputs[:, 0:2 * K:2], d.inputs[:, 1:2 * K:2]
+    keys, vals = d.inputs[:, 0 : 2 * K : 2], d.inputs[:, 1 : 2 * K : 2]
     assert (keys >= 1).all() and (keys < V // 2).all() and (vals >= V // 2).all()
     assert all(len(set(r)) == K for r in keys) and all(len(set(r)) == K for r in vals)
-    assert (d.inputs[:, :ctx] == np.tile(d.inputs[:, :2 * K], (1, P))).all()  # JRT passes
+    assert (d.inputs[:, :ctx] == np.tile(d.inputs[:, : 2 * K], (1, P))).all()  # JRT passes
     pos = positions(d)
     assert pos.shape == (300, K)  # exactly K scored positions
     assert ((pos - ctx) % 2 == 0).all() and (pos >= ctx).all()  # queries on even offsets
@@ -58,8 +67,10 @@ def test_zoology_compatible_matches_reference_loop():
     keys = [np.random.choice(np.arange(1, V // 2), replace=False, size=K) for _ in range(n)]
     vals = [np.random.choice(np.arange(V // 2, V), replace=False, size=K) for _ in range(n)]
     p = 0.01 * np.arange(1, (L - 2 * K) // 2 + 1) ** (0.01 - 1)
-    gaps = [np.random.choice(np.arange((L - 2 * K) // 2), replace=False, p=p / p.sum(), size=K)
-            for _ in range(n)]
+    gaps = [
+        np.random.choice(np.arange((L - 2 * K) // 2), replace=False, p=p / p.sum(), size=K)
+        for _ in range(n)
+    ]
     torch.manual_seed(123)
     fill = torch.randint(V, size=(n, L)).numpy()
     ref = np.zeros((n, L), np.int64)
@@ -69,8 +80,16 @@ def test_zoology_compatible_matches_reference_loop():
             seq[2 * j], seq[2 * j + 1] = keys[i][j], vals[i][j]
             seq[2 * K + 2 * gaps[i][j]] = keys[i][j]
         ref[i] = [t if t != 0 else fill[i, t_i] for t_i, t in enumerate(seq[:-1])]
-    d = make("mqar", seed, num_examples=n, input_seq_len=L, num_kv_pairs=K, vocab_size=V,
-             mode="zoology_compatible", torch_seed=123)
+    d = make(
+        "mqar",
+        seed,
+        num_examples=n,
+        input_seq_len=L,
+        num_kv_pairs=K,
+        vocab_size=V,
+        mode="zoology_compatible",
+        torch_seed=123,
+    )
     assert (d.inputs == ref).all()
 
 
@@ -127,7 +146,7 @@ def test_saturated_slices_are_deterministic(L, K):
 def test_power_law_weights_and_errors():
     p = power_law_weights(100, 0.01)
     assert p.sum() == pytest.approx(1) and (np.diff(p) < 0).all()
-    assert p[0] / p[1] == pytest.approx(2 ** 0.99)
+    assert p[0] / p[1] == pytest.approx(2**0.99)
     with pytest.raises(ValueError, match="even"):
         make("mqar", 1, input_seq_len=63)
     with pytest.raises(ValueError, match="2KP"):
@@ -140,7 +159,14 @@ def test_standard_grids():
     train = grid_segments("based", "train")
     test = grid_segments("based", "test")
     assert [(s["input_seq_len"], s["num_kv_pairs"]) for s in test] == [
-        (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
+        (64, 4),
+        (64, 8),
+        (64, 16),
+        (128, 32),
+        (256, 64),
+        (512, 128),
+        (1024, 256),
+    ]
     assert max(s["input_seq_len"] for s in train) == 256  # train ≤ 256, test up to 1024
     assert sum(s["num_examples"] for s in train) == 180_000
     with pytest.raises(ValueError, match="unknown MQAR grid"):
@@ -158,12 +184,33 @@ def test_vectorised_speed():
 # (run once, read-only, with torch.manual_seed(torch_seed) right before the call), keyed by
 # (V, n, L, K, seed, torch_seed, random_non_queries).
 ZOOLOGY_DBCB60D = {
-    (8192, 64, 64, 4, 0, 0, True):
-        "a5ccdde1981305a53577929b6fe34c0558aa8b5cd6eb901378bed9c2b5d59017",
-    (8192, 32, 256, 16, 2**31 + 7, 123, True):
-        "3c01f065caf11f0789b545d0a161f2112efd8488e5e5b525f7553c2ae45df2a9",
-    (512, 50, 128, 8, 17, 5, False):
-        "c48a5bcf666573b1295732ee102d410087f12f86d1d7eed86a6912a60784faf2",
+    (
+        8192,
+        64,
+        64,
+        4,
+        0,
+        0,
+        True,
+    ): "a5ccdde1981305a53577929b6fe34c0558aa8b5cd6eb901378bed9c2b5d59017",
+    (
+        8192,
+        32,
+        256,
+        16,
+        2**31 + 7,
+        123,
+        True,
+    ): "3c01f065caf11f0789b545d0a161f2112efd8488e5e5b525f7553c2ae45df2a9",
+    (
+        512,
+        50,
+        128,
+        8,
+        17,
+        5,
+        False,
+    ): "c48a5bcf666573b1295732ee102d410087f12f86d1d7eed86a6912a60784faf2",
 }
 
 
@@ -172,8 +219,18 @@ def test_zoology_compatible_matches_zoology_hashes(key):
     import hashlib
 
     V, n, L, K, seed, tseed, rnq = key
-    d = make("mqar", seed, num_examples=n, input_seq_len=L, num_kv_pairs=K, vocab_size=V,
-             random_non_queries=rnq, mode="zoology_compatible", torch_seed=tseed)
-    digest = hashlib.sha256(d.inputs.astype(np.int64).tobytes()
-                            + d.labels.astype(np.int64).tobytes()).hexdigest()
+    d = make(
+        "mqar",
+        seed,
+        num_examples=n,
+        input_seq_len=L,
+        num_kv_pairs=K,
+        vocab_size=V,
+        random_non_queries=rnq,
+        mode="zoology_compatible",
+        torch_seed=tseed,
+    )
+    digest = hashlib.sha256(
+        d.inputs.astype(np.int64).tobytes() + d.labels.astype(np.int64).tobytes()
+    ).hexdigest()
     assert digest == ZOOLOGY_DBCB60D[key]

@@ -12,13 +12,13 @@ def test_layout_labels_and_ranges(M, G):
     d = make("mqar_gap", 2**31 + 3, num_examples=200, num_kv_pairs=M, gap=G)
     L = seq_len(M, G)
     assert d.inputs.shape == (200, L) == (200, 4 * M + G) and d.vocab_size == 192
-    keys, vals = d.inputs[:, 0:2 * M:2], d.inputs[:, 1:2 * M:2]
+    keys, vals = d.inputs[:, 0 : 2 * M : 2], d.inputs[:, 1 : 2 * M : 2]
     assert (keys < 64).all() and ((vals >= 64) & (vals < 128)).all()
     assert all(len(set(r)) == M for r in keys) and all(len(set(r)) == M for r in vals)
-    gap = d.inputs[:, 2 * M:2 * M + G]
+    gap = d.inputs[:, 2 * M : 2 * M + G]
     assert ((gap >= 128) & (gap < 192)).all()
     q0 = 2 * M + G
-    qk, qv = d.inputs[:, q0::2], d.inputs[:, q0 + 1::2]
+    qk, qv = d.inputs[:, q0::2], d.inputs[:, q0 + 1 :: 2]
     assert (np.sort(qk, 1) == np.sort(keys, 1)).all()  # the queries are a permutation
     # labels only at query keys, equal to the bound value, which is then shown (teacher forcing)
     scored = np.nonzero(d.labels[0] != IGNORE)[0]

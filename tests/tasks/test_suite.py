@@ -71,7 +71,7 @@ def test_multihop_chains_resolve():
     for hops in (2, 3):
         d = make("multihop", 5, num_examples=200, seq_len=64, n=3, hops=hops)
         for row, lab in zip(d.inputs, d.labels):
-            body = row[:-(3 + (hops >= 3))]
+            body = row[: -(3 + (hops >= 3))]
             deep = hops > 2
 
             def src(x, deep=deep):
@@ -98,10 +98,16 @@ def test_multihop_records_are_shuffled():
     d = make("multihop", 6, num_examples=500, seq_len=32, n=3)
     hop2_first = 0
     for row in d.inputs:
-        firsts = [i for i in range(len(row) - 4) if in_set(np.array(row[i]), B_LO)
-                  and in_set(np.array(row[i + 1]), VAL_LO)]
-        seconds = [i for i in range(len(row) - 4) if in_set(np.array(row[i]), A_LO)
-                   and in_set(np.array(row[i + 1]), B_LO)]
+        firsts = [
+            i
+            for i in range(len(row) - 4)
+            if in_set(np.array(row[i]), B_LO) and in_set(np.array(row[i + 1]), VAL_LO)
+        ]
+        seconds = [
+            i
+            for i in range(len(row) - 4)
+            if in_set(np.array(row[i]), A_LO) and in_set(np.array(row[i + 1]), B_LO)
+        ]
         hop2_first += min(firsts) < min(seconds)
     assert 150 < hop2_first < 350  # a hop-2 record precedes every hop-1 record about half the time
 
@@ -122,8 +128,8 @@ def test_sysprompt_tiers_and_decoys():
         if decoy:  # decoys bind system keys to wrong values inside the scratchpad
             wrong = 0
             for row, L in zip(t.inputs, t.slices["seq_len"]):
-                sys_bind = bindings(row[1:2 * n + 1])
-                for k, vs in bindings(row[2 * n + 2:L - 3]).items():
+                sys_bind = bindings(row[1 : 2 * n + 1])
+                for k, vs in bindings(row[2 * n + 2 : L - 3]).items():
                     assert k in sys_bind and all(v != sys_bind[k][0] for v in vs)
                     wrong += len(vs)
             per_step = wrong / g.sum()
@@ -136,17 +142,23 @@ def test_tooltrace(delayed):
     for row, lab, act in zip(d.inputs, d.labels, d.masks["action"]):
         a, t = int(row[-3]), int(row[-2])
         body = row[:-4]
-        triples = [(int(body[i]), int(body[i + 1]), int(body[i + 2]))
-                   for i in range(len(body) - 2) if in_set(np.array(body[i]), A_LO)
-                   and in_set(np.array(body[i + 1]), B_LO)
-                   and in_set(np.array(body[i + 2]), VAL_LO)]
+        triples = [
+            (int(body[i]), int(body[i + 1]), int(body[i + 2]))
+            for i in range(len(body) - 2)
+            if in_set(np.array(body[i]), A_LO)
+            and in_set(np.array(body[i + 1]), B_LO)
+            and in_set(np.array(body[i + 2]), VAL_LO)
+        ]
         pairs = [(x, y) for x, y, _ in triples]
         assert len(pairs) == len(set(pairs))  # each (agent, tool) once
         assert (a, t, int(lab[-2])) in triples
         if delayed:
-            i = next(i for i in range(len(body) - 3) if body[i] == RET and body[i + 1] == a
-                     and body[i + 2] == t)
-            assert act[i:i + 4].all() and act.sum() == 4 * (body == RET).sum()
+            i = next(
+                i
+                for i in range(len(body) - 3)
+                if body[i] == RET and body[i + 1] == a and body[i + 2] == t
+            )
+            assert act[i : i + 4].all() and act.sum() == 4 * (body == RET).sum()
     tiers = make("tooltrace", 4, num_examples=200, tier="easy", delayed=True)
     assert tiers.slices["n"].min() >= 10 and tiers.slices["n"].max() <= 30
     assert tiers.slices["seq_len"].max() <= 400

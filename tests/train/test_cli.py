@@ -22,13 +22,32 @@ def invoke(*args):
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm")
     text = tmp / "text.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog "
-                                f"{i % 7} times." for i in range(120)))
-    cfg = {"model": {"d_model": 16, "layers": ["shortconv", "linear_attention"]},
-           "data": {"corpus": str(text), "tokenizer": "byte", "seq_len": 16, "batch_size": 4,
-                    "eval_windows": 4, "final_eval_windows": 6, "decode_windows": 2},
-           "train": {"steps": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 2,
-                     "checkpoint_every": 2, "progress": False}}
+    text.write_text(
+        "\n\n".join(
+            f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times."
+            for i in range(120)
+        )
+    )
+    cfg = {
+        "model": {"d_model": 16, "layers": ["shortconv", "linear_attention"]},
+        "data": {
+            "corpus": str(text),
+            "tokenizer": "byte",
+            "seq_len": 16,
+            "batch_size": 4,
+            "eval_windows": 4,
+            "final_eval_windows": 6,
+            "decode_windows": 2,
+        },
+        "train": {
+            "steps": 4,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "progress": False,
+        },
+    }
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     out = tmp / "lm-tiny"
     invoke("train", "--config", tmp / "cfg.json", "--out", out)
@@ -37,8 +56,13 @@ def run(tmp_path_factory):
 
 def test_train_writes_the_run_folder(run):
     _, out = run
-    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt",
-                 "checkpoints/best.pt"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 4 and s["tokens_seen"] == 4 * 4 * 16 and s["tokenizer"] == "byte"

@@ -23,8 +23,9 @@ V, STEPS = 32, 4
 
 def make_model():
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=V, d_model=16,
-                                     layers=["shortconv", "linear_attention"]))
+    return LanguageModel(
+        ModelConfig(vocab_size=V, d_model=16, layers=["shortconv", "linear_attention"])
+    )
 
 
 def batches(step):
@@ -55,9 +56,14 @@ def _worker(rank, tmp):
         fsdp = Trainer(make_model(), cfg(distributed="fsdp"), batches)
         fsdp.fit()
         fsdp.save_checkpoint(f"{tmp}/fsdp.pt")
-        torch.save({"params": {n: p.detach() for n, p in ddp.model.named_parameters()},
-                    "ddp_loss": _losses(ddp), "fsdp_loss": _losses(fsdp)},
-                   f"{tmp}/rank{rank}.pt")
+        torch.save(
+            {
+                "params": {n: p.detach() for n, p in ddp.model.named_parameters()},
+                "ddp_loss": _losses(ddp),
+                "fsdp_loss": _losses(fsdp),
+            },
+            f"{tmp}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -85,8 +91,10 @@ def test_ddp_matches_single_process_global_batch(runs):
     assert ranks[0]["ddp_loss"] == pytest.approx(_losses(single), rel=1e-5)
     for name, p in single.model.named_parameters():
         torch.testing.assert_close(ranks[0]["params"][name], p.detach(), rtol=1e-4, atol=2e-5)
-    moved = sum((p.detach() - make_model().state_dict()[n]).abs().sum()
-                for n, p in single.model.named_parameters())
+    moved = sum(
+        (p.detach() - make_model().state_dict()[n]).abs().sum()
+        for n, p in single.model.named_parameters()
+    )
     assert moved > 0.1  # training really changed the parameters being compared
 
 

@@ -56,8 +56,9 @@ def test_bpb_uses_the_bytes_of_the_scored_tokens():
 @pytest.mark.parametrize("prefill", [1, 7, 20])
 def test_parallel_and_decode_agree_on_a_real_model(prefill):
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=V, d_model=16,
-                                      layers=["shortconv", "linear_attention"])).eval()
+    model = LanguageModel(
+        ModelConfig(vocab_size=V, d_model=16, layers=["shortconv", "linear_attention"])
+    ).eval()
     with torch.no_grad():  # make the model non-trivial
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -75,8 +76,9 @@ def test_parallel_and_decode_agree_on_a_real_model(prefill):
 def test_decode_notices_a_broken_step():
     """A step that ignores its state (a decode bug) shows up as a large difference."""
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=V, d_model=16,
-                                      layers=["shortconv", "linear_attention"])).eval()
+    model = LanguageModel(
+        ModelConfig(vocab_size=V, d_model=16, layers=["shortconv", "linear_attention"])
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

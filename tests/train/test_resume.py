@@ -14,8 +14,11 @@ V = 32
 
 def make_model(seed=0, d_model=16):
     torch.manual_seed(seed)
-    return LanguageModel(ModelConfig(vocab_size=V, d_model=d_model, dropout=0.1,
-                                     layers=["shortconv", "linear_attention"]))
+    return LanguageModel(
+        ModelConfig(
+            vocab_size=V, d_model=d_model, dropout=0.1, layers=["shortconv", "linear_attention"]
+        )
+    )
 
 
 def batches(step):
@@ -47,26 +50,42 @@ class FreezeEmbedAt(Schedule):
 
 
 def cfg(**kw):
-    return TrainConfig(**{"steps": 9, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
-                          "eval_every": 2, "checkpoint_every": 3, "progress": False, **kw})
+    return TrainConfig(
+        **{
+            "steps": 9,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "eval_every": 2,
+            "checkpoint_every": 3,
+            "progress": False,
+            **kw,
+        }
+    )
 
 
 def eval_fn(model):
     b = batches(10**6)
     logits, _ = model(b["inputs"])
-    return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1),
-                                                      b["labels"].flatten()).item()}
+    return {
+        "loss": torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), b["labels"].flatten()
+        ).item()
+    }
 
 
 def metric_lines(path):
-    return [{k: v for k, v in json.loads(ln).items() if k != "elapsed_s"}
-            for ln in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(ln).items() if k != "elapsed_s"}
+        for ln in path.read_text().splitlines()
+    ]
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     ref_sched = FreezeEmbedAt()
-    ref = Trainer(make_model(), cfg(), batches, run_dir=tmp_path / "a", eval_fn=eval_fn,
-                  schedule=ref_sched)
+    ref = Trainer(
+        make_model(), cfg(), batches, run_dir=tmp_path / "a", eval_fn=eval_fn, schedule=ref_sched
+    )
     ref.fit()
 
     def crashing(step):
@@ -74,23 +93,37 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
             raise KeyboardInterrupt("simulated kill at step 7")
         return batches(step)
 
-    first = Trainer(make_model(), cfg(), crashing, run_dir=tmp_path / "b", eval_fn=eval_fn,
-                    schedule=FreezeEmbedAt())
+    first = Trainer(
+        make_model(),
+        cfg(),
+        crashing,
+        run_dir=tmp_path / "b",
+        eval_fn=eval_fn,
+        schedule=FreezeEmbedAt(),
+    )
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     assert first.step == 7  # steps 6→7 ran after the checkpoint at 6 and are lost
 
     sched = FreezeEmbedAt()
-    resumed = Trainer(make_model(seed=123), cfg(), batches, run_dir=tmp_path / "b",
-                      eval_fn=eval_fn, schedule=sched, resume=True)
+    resumed = Trainer(
+        make_model(seed=123),
+        cfg(),
+        batches,
+        run_dir=tmp_path / "b",
+        eval_fn=eval_fn,
+        schedule=sched,
+        resume=True,
+    )
     assert resumed.step == 6 and sched.calls == 6
     assert not resumed.model.embed.weight.requires_grad  # the frozen phase is restored
     resumed.fit()
     for (name, p), q in zip(ref.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), f"{name} differs after resume"
     assert sched.calls == ref_sched.calls == 9
-    assert metric_lines(tmp_path / "a" / "metrics.jsonl") == \
-        metric_lines(tmp_path / "b" / "metrics.jsonl")
+    assert metric_lines(tmp_path / "a" / "metrics.jsonl") == metric_lines(
+        tmp_path / "b" / "metrics.jsonl"
+    )
     assert (tmp_path / "b" / "checkpoints" / "best.pt").exists()
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 9
 
@@ -100,16 +133,16 @@ def test_rng_state_matters(tmp_path):
     equality above really depends on the saved RNG states."""
     a = Trainer(make_model(), cfg(steps=6), batches, run_dir=tmp_path / "a")
     a.fit()
-    b = Trainer(make_model(), cfg(steps=6), lambda s: batches(s) if s < 4 else 1 / 0,
-                run_dir=tmp_path / "b")
+    b = Trainer(
+        make_model(), cfg(steps=6), lambda s: batches(s) if s < 4 else 1 / 0, run_dir=tmp_path / "b"
+    )
     with pytest.raises(ZeroDivisionError):
         b.fit()
     c = Trainer(make_model(), cfg(steps=6), batches, run_dir=tmp_path / "b", resume=True)
     assert c.step == 3 and c._pending_rng is not None
     c._pending_rng = None  # drop the saved RNG: the torch RNG is wherever it happens to be
     c.fit()
-    assert not all(torch.equal(p, q) for p, q in zip(a.model.parameters(),
-                                                     c.model.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.model.parameters(), c.model.parameters()))
 
 
 def _saved_run(tmp_path):
@@ -171,8 +204,12 @@ def test_schedule_is_pluggable_by_name():
 def test_tensorboard_logging_or_clear_error(tmp_path):
     import importlib.util
 
-    t = Trainer(make_model(), cfg(steps=2, eval_every=0, checkpoint_every=0, tensorboard=True),
-                batches, run_dir=tmp_path)
+    t = Trainer(
+        make_model(),
+        cfg(steps=2, eval_every=0, checkpoint_every=0, tensorboard=True),
+        batches,
+        run_dir=tmp_path,
+    )
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ImportError, match="kvfree\\[tensorboard\\]"):
             t.fit()

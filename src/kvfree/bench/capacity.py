@@ -55,9 +55,15 @@ def make_keys(rng: np.random.Generator, trials: int, n: int, d: int, rho: float)
 
 
 def state_floats(method: str, d: int, d_v: int, n: int) -> int:
-    return {"linear": d * d_v, "delta1": d * d_v, "delta4": d * d_v,
-            "ridge": d * d + d * d_v, "ska2": 2 * d * d + d * d_v + d + 1,
-            "softmax": 2 * n * d, "softmax_hard": 2 * n * d}[method]
+    return {
+        "linear": d * d_v,
+        "delta1": d * d_v,
+        "delta4": d * d_v,
+        "ridge": d * d + d * d_v,
+        "ska2": 2 * d * d + d * d_v + d + 1,
+        "softmax": 2 * n * d,
+        "softmax_hard": 2 * n * d,
+    }[method]
 
 
 def delta_rule(K: np.ndarray, V: np.ndarray, passes: int = 1, chunk: int = 64) -> np.ndarray:
@@ -72,8 +78,8 @@ def delta_rule(K: np.ndarray, V: np.ndarray, passes: int = 1, chunk: int = 64) -
     S = np.zeros((T, V.shape[2], d))
     for _ in range(passes):
         for c0 in range(0, N, chunk):
-            Kc = np.ascontiguousarray(K[:, c0:c0 + chunk])  # [T, C, d]
-            Vc = V[:, c0:c0 + chunk]  # [T, C, d_v]
+            Kc = np.ascontiguousarray(K[:, c0 : c0 + chunk])  # [T, C, d]
+            Vc = V[:, c0 : c0 + chunk]  # [T, C, d_v]
             A = np.tril(Kc @ tr(Kc), -1)  # [T, C, C]
             U = np.linalg.solve(A + np.eye(Kc.shape[1]), Vc - Kc @ tr(S))  # [T, C, d_v]
             S = S + tr(U) @ Kc
@@ -89,8 +95,14 @@ def power_sigma(A: np.ndarray, iters: int = 6) -> np.ndarray:
     return np.linalg.norm((A @ v[:, :, None])[:, :, 0], axis=-1)
 
 
-def ska_map(K: np.ndarray, V: np.ndarray, order: int, lam: float = LAMBDA, gamma: float = 1.0,
-            eta: float = 1.0) -> np.ndarray:
+def ska_map(
+    K: np.ndarray,
+    V: np.ndarray,
+    order: int,
+    lam: float = LAMBDA,
+    gamma: float = 1.0,
+    eta: float = 1.0,
+) -> np.ndarray:
     """SKA's readout map R [T, d_v, d] with ŷ = R q̂, from the stream K [T, N, d], V [T, N, d_v]:
     R = η (γ/max(1, σ̂))^K · C (G⁻¹M)^K G⁻¹ (ska.md §8), built right to left as
     Rᵀ = G⁻¹ (Mᵀ G⁻¹)^K Cᵀ with d × d solves. K = 0 is ridge regression."""
@@ -109,14 +121,26 @@ def ska_map(K: np.ndarray, V: np.ndarray, order: int, lam: float = LAMBDA, gamma
     return eta * tr(Z)
 
 
-def ska_read(K: np.ndarray, V: np.ndarray, Q: np.ndarray, order: int, lam: float = LAMBDA,
-             gamma: float = 1.0, eta: float = 1.0) -> np.ndarray:
+def ska_read(
+    K: np.ndarray,
+    V: np.ndarray,
+    Q: np.ndarray,
+    order: int,
+    lam: float = LAMBDA,
+    gamma: float = 1.0,
+    eta: float = 1.0,
+) -> np.ndarray:
     """ŷ [T, m, d_v] for queries Q [T, m, d] (see :func:`ska_map`)."""
     return Q @ tr(ska_map(K, V, order, lam, gamma, eta))
 
 
-def read(method: str, K: np.ndarray, V: np.ndarray, lam: float = LAMBDA,
-         queries: np.ndarray | None = None) -> np.ndarray:
+def read(
+    method: str,
+    K: np.ndarray,
+    V: np.ndarray,
+    lam: float = LAMBDA,
+    queries: np.ndarray | None = None,
+) -> np.ndarray:
     """ŷ [T, m, d_v] for queries [T, m, d] (default: every key) after writing the stream
     K [T, N, d], V [T, N, d_v]."""
     d = K.shape[2]
@@ -132,12 +156,12 @@ def read(method: str, K: np.ndarray, V: np.ndarray, lam: float = LAMBDA,
         return ska_read(K, V, Q, 2, lam)
     out = []
     for b in range(0, len(K), 4):  # blocks of trials keep the [m, N] score arrays small
-        scores = Q[b:b + 4] @ tr(K[b:b + 4])  # [4, m, N]
+        scores = Q[b : b + 4] @ tr(K[b : b + 4])  # [4, m, N]
         if method == "softmax":
             w = np.exp(2 * np.sqrt(d) * (scores - scores.max(-1, keepdims=True)))  # τ = 2√d
-            out.append((w / w.sum(-1, keepdims=True)) @ V[b:b + 4])
+            out.append((w / w.sum(-1, keepdims=True)) @ V[b : b + 4])
         elif method == "softmax_hard":
-            out.append(np.take_along_axis(V[b:b + 4], scores.argmax(-1)[:, :, None], 1))
+            out.append(np.take_along_axis(V[b : b + 4], scores.argmax(-1)[:, :, None], 1))
         else:
             break
     else:
@@ -145,8 +169,14 @@ def read(method: str, K: np.ndarray, V: np.ndarray, lam: float = LAMBDA,
     raise ValueError(f"unknown capacity method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def score(Y: np.ndarray, V: np.ndarray, idx: np.ndarray, table: np.ndarray,
-          vocab_queries: int, rng: np.random.Generator) -> dict:
+def score(
+    Y: np.ndarray,
+    V: np.ndarray,
+    idx: np.ndarray,
+    table: np.ndarray,
+    vocab_queries: int,
+    rng: np.random.Generator,
+) -> dict:
     """Metrics of ŷ = Y [T, N, d_v] against the stored V, whose table rows are idx [T, N].
 
     Nearest-stored accuracy uses every query; the 4096-row vocabulary readout (the costly
@@ -155,25 +185,33 @@ def score(Y: np.ndarray, V: np.ndarray, idx: np.ndarray, table: np.ndarray,
     T, n = Y.shape[:2]
     Yu = unit(Y + 1e-300)
     Y32, V32 = Yu.astype(np.float32), tr(V).astype(np.float32)
-    nearest = np.concatenate([(Y32[b:b + 4] @ V32[b:b + 4]).argmax(-1)
-                              for b in range(0, T, 4)])
+    nearest = np.concatenate([(Y32[b : b + 4] @ V32[b : b + 4]).argmax(-1) for b in range(0, T, 4)])
     m = min(n, vocab_queries)
     pick = np.argsort(rng.random((T, n)), axis=1)[:, :m]
     Ys = np.take_along_axis(Yu, pick[:, :, None], 1).astype(np.float32)
     vocab = (Ys @ tr(table).astype(np.float32)).argmax(-1)
     rel = np.linalg.norm(Y - V, axis=-1) / np.linalg.norm(V, axis=-1)
     ahead = np.arange(n) + 2
-    return {"acc": float((nearest == np.arange(n)).mean()),
-            "vocab_acc": float((vocab == np.take_along_axis(idx, pick, 1)).mean()),
-            "rel_err": float(rel.mean()),
-            "cosine": float((Yu * V).sum(-1).mean()),
-            # diagnostic: the answer is the value written two steps later (the K = 2 lag
-            # filter shifts a query forward along an i.i.d. stream)
-            "acc_shift2": float((nearest[:, :-2] == ahead[:-2]).mean()) if n > 2 else 0.0}
+    return {
+        "acc": float((nearest == np.arange(n)).mean()),
+        "vocab_acc": float((vocab == np.take_along_axis(idx, pick, 1)).mean()),
+        "rel_err": float(rel.mean()),
+        "cosine": float((Yu * V).sum(-1).mean()),
+        # diagnostic: the answer is the value written two steps later (the K = 2 lag
+        # filter shifts a query forward along an i.i.d. stream)
+        "acc_shift2": float((nearest[:, :-2] == ahead[:-2]).mean()) if n > 2 else 0.0,
+    }
 
 
-def stream(rng: np.random.Generator, K: np.ndarray, V: np.ndarray, layout: str,
-           extra_keys: np.ndarray | None = None, repeats: int = 2, distractors: int = 2):
+def stream(
+    rng: np.random.Generator,
+    K: np.ndarray,
+    V: np.ndarray,
+    layout: str,
+    extra_keys: np.ndarray | None = None,
+    repeats: int = 2,
+    distractors: int = 2,
+):
     """The write stream. ``iid``: each pair once. ``structured`` (tasks.md §5, optional): each
     pair written ``repeats`` times in a row, then ``distractors`` fresh single-step pairs
     (keys ``extra_keys`` [T, n·distractors, d], values fresh unit vectors)."""
@@ -189,9 +227,18 @@ def stream(rng: np.random.Generator, K: np.ndarray, V: np.ndarray, layout: str,
     return Ks.reshape(T, -1, d), Vs.reshape(T, -1, V.shape[2])
 
 
-def capacity_point(d: int, n: int, rhos, trials: int, seed: int, methods=METHODS,
-                   table: np.ndarray | None = None, layout: str = "iid",
-                   vocab_queries: int = 64, distractors: int = 2) -> list[dict]:
+def capacity_point(
+    d: int,
+    n: int,
+    rhos,
+    trials: int,
+    seed: int,
+    methods=METHODS,
+    table: np.ndarray | None = None,
+    layout: str = "iid",
+    vocab_queries: int = 64,
+    distractors: int = 2,
+) -> list[dict]:
     """Rows for every (ρ, method) at one (d, N, layout). The ρ values are stacked into one
     batch of len(rhos)·trials streams (fewer Python steps in the delta-rule loops)."""
     rhos = [float(r) for r in np.atleast_1d(rhos)]
@@ -215,17 +262,39 @@ def capacity_point(d: int, n: int, rhos, trials: int, seed: int, methods=METHODS
             sl = slice(i * trials, (i + 1) * trials)
             t1 = time.perf_counter()
             metrics = score(Y[sl], V[sl], idx[sl], table, vocab_queries, rng)
-            rows.append({"layout": layout, "d": d, "N": n, "ratio": n / d, "rho": rho,
-                         "method": m, **metrics, "state_floats": floats,
-                         "state_bytes_fp32": 4 * floats,
-                         "seconds": seconds + time.perf_counter() - t1, "trials": trials})
+            rows.append(
+                {
+                    "layout": layout,
+                    "d": d,
+                    "N": n,
+                    "ratio": n / d,
+                    "rho": rho,
+                    "method": m,
+                    **metrics,
+                    "state_floats": floats,
+                    "state_bytes_fp32": 4 * floats,
+                    "seconds": seconds + time.perf_counter() - t1,
+                    "trials": trials,
+                }
+            )
     return rows
 
 
-def run(out_dir: str | Path = "runs/bench-capacity", dims=DIMS, ratios=RATIOS, rhos=RHOS,
-        trials: int = 20, seed: int = 0, methods=METHODS, layouts=("iid", "structured"),
-        structured_dims=(64,), vocab_queries: int = 64, blas_threads: int | None = 1,
-        progress: bool = True, plot: bool = True) -> dict:
+def run(
+    out_dir: str | Path = "runs/bench-capacity",
+    dims=DIMS,
+    ratios=RATIOS,
+    rhos=RHOS,
+    trials: int = 20,
+    seed: int = 0,
+    methods=METHODS,
+    layouts=("iid", "structured"),
+    structured_dims=(64,),
+    vocab_queries: int = 64,
+    blas_threads: int | None = 1,
+    progress: bool = True,
+    plot: bool = True,
+) -> dict:
     """The whole experiment: the i.i.d. layout at every (d, N/d, ρ), the structured layout at
     ``structured_dims``. Writes capacity.json, capacity.md and capacity.png under out_dir.
 
@@ -244,20 +313,38 @@ def run(out_dir: str | Path = "runs/bench-capacity", dims=DIMS, ratios=RATIOS, r
     out_dir = Path(out_dir)
     t0, c0 = time.time(), time.process_time()
     rows = []
-    points = [(lay, d, max(1, int(round(r * d)))) for lay in layouts
-              for d in (dims if lay == "iid" else [x for x in dims if x in structured_dims])
-              for r in ratios]
+    points = [
+        (lay, d, max(1, int(round(r * d))))
+        for lay in layouts
+        for d in (dims if lay == "iid" else [x for x in dims if x in structured_dims])
+        for r in ratios
+    ]
     with threadpool_limits(blas_threads, "blas"):
         for lay, d, n in tqdm(points, desc="bench capacity", disable=not progress):
             table = unit(np.random.default_rng([seed, d]).standard_normal((VOCAB, d)))
-            rows.extend(capacity_point(d, n, rhos, trials, seed, methods, table, lay,
-                                       vocab_queries))
+            rows.extend(
+                capacity_point(d, n, rhos, trials, seed, methods, table, lay, vocab_queries)
+            )
     elapsed, cpu = time.time() - t0, time.process_time() - c0
-    result = {"benchmark": "capacity", "protocol": "tasks.md §5", "lambda": LAMBDA,
-              "vocab": VOCAB, "vocab_queries": vocab_queries, "trials": trials, "seed": seed,
-              "dims": list(dims), "ratios": list(ratios), "rhos": list(rhos),
-              "methods": list(methods), "layouts": list(layouts), "blas_threads": blas_threads,
-              "seconds": elapsed, "cpu_seconds": cpu, "env": environment("cpu"), "rows": rows}
+    result = {
+        "benchmark": "capacity",
+        "protocol": "tasks.md §5",
+        "lambda": LAMBDA,
+        "vocab": VOCAB,
+        "vocab_queries": vocab_queries,
+        "trials": trials,
+        "seed": seed,
+        "dims": list(dims),
+        "ratios": list(ratios),
+        "rhos": list(rhos),
+        "methods": list(methods),
+        "layouts": list(layouts),
+        "blas_threads": blas_threads,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "env": environment("cpu"),
+        "rows": rows,
+    }
     write_json(out_dir / "capacity.json", result)
     md = capacity_markdown(result)
     atomic_write(out_dir / "capacity.md", md)
@@ -274,8 +361,17 @@ def falloff(rows: list[dict], metric: str = "acc", threshold: float = 0.9) -> li
     out: dict[tuple, dict] = {}
     for r in sorted(rows, key=lambda r: r["ratio"]):
         key = (r.get("layout", "iid"), r["d"], r["rho"], r["method"])
-        rec = out.setdefault(key, {"layout": key[0], "d": r["d"], "rho": r["rho"],
-                                   "method": r["method"], "last_ok": None, "broken": False})
+        rec = out.setdefault(
+            key,
+            {
+                "layout": key[0],
+                "d": r["d"],
+                "rho": r["rho"],
+                "method": r["method"],
+                "last_ok": None,
+                "broken": False,
+            },
+        )
         if r[metric] < threshold:
             rec["broken"] = True
         elif not rec["broken"]:
@@ -307,50 +403,61 @@ def capacity_markdown(result: dict, d: int | None = None) -> str:
     rows, methods = result["rows"], result["methods"]
     iid = [r for r in rows if r.get("layout", "iid") == "iid"]
     d = d or (64 if 64 in result["dims"] else result["dims"][0])
-    parts = [f"Capacity (tasks.md §5): {result['trials']} trials per point, float64, "
-             f"λ = {result['lambda']}, SKA K = 2 with γ = η = 1, softmax τ = 2√d, "
-             f"vocabulary {result['vocab']} rows (scored on {result['vocab_queries']} random "
-             f"stored keys per trial), seed {result['seed']}; {result['seconds']:.1f} s wall"
-             + (f", {result['cpu_seconds']:.1f} s CPU" if "cpu_seconds" in result else "")
-             + f" on {result['env']['device']} ({result['env']['cpu_count']} cores, numpy BLAS "
-             f"threads {result.get('blas_threads', 'default')}).\n"
-             "Cells: accuracy (nearest stored value) / accuracy (nearest vocabulary row) / "
-             "relative error ‖ŷ − v‖/‖v‖.\n"]
+    parts = [
+        f"Capacity (tasks.md §5): {result['trials']} trials per point, float64, "
+        f"λ = {result['lambda']}, SKA K = 2 with γ = η = 1, softmax τ = 2√d, "
+        f"vocabulary {result['vocab']} rows (scored on {result['vocab_queries']} random "
+        f"stored keys per trial), seed {result['seed']}; {result['seconds']:.1f} s wall"
+        + (f", {result['cpu_seconds']:.1f} s CPU" if "cpu_seconds" in result else "")
+        + f" on {result['env']['device']} ({result['env']['cpu_count']} cores, numpy BLAS "
+        f"threads {result.get('blas_threads', 'default')}).\n"
+        "Cells: accuracy (nearest stored value) / accuracy (nearest vocabulary row) / "
+        "relative error ‖ŷ − v‖/‖v‖.\n"
+    ]
     for rho in result["rhos"]:
         sel = [r for r in iid if r["d"] == d and r["rho"] == rho]
         if sel:
-            parts.append(f"\ni.i.d. stream, d = {d}, ρ = {rho}\n\n"
-                         + _point_table(sel, methods, d))
+            parts.append(f"\ni.i.d. stream, d = {d}, ρ = {rho}\n\n" + _point_table(sel, methods, d))
     fall = falloff(iid)
     summary = []
     for dd in result["dims"]:
         for rho in result["rhos"]:
             rec = {"d": dd, "ρ": rho}
             for m in methods:
-                f = next((x for x in fall if x["d"] == dd and x["rho"] == rho
-                          and x["method"] == m), None)
+                f = next(
+                    (x for x in fall if x["d"] == dd and x["rho"] == rho and x["method"] == m), None
+                )
                 if f is not None:
-                    rec[m] = (f"<{min(result['ratios']):g}" if f["last_ok"] is None
-                              else f"{f['last_ok']:g}")
+                    rec[m] = (
+                        f"<{min(result['ratios']):g}"
+                        if f["last_ok"] is None
+                        else f"{f['last_ok']:g}"
+                    )
             summary.append(rec)
-    parts.append("\nLargest N/d before nearest-stored accuracy first drops below 0.9 "
-                 f"(i.i.d. stream; {max(result['ratios']):g} = not within the grid):\n\n"
-                 + markdown_table(summary))
+    parts.append(
+        "\nLargest N/d before nearest-stored accuracy first drops below 0.9 "
+        f"(i.i.d. stream; {max(result['ratios']):g} = not within the grid):\n\n"
+        + markdown_table(summary)
+    )
     shift = [r for r in iid if r["method"] == "ska2" and r["d"] == d and r["rho"] == 0.0]
     if shift:
-        parts.append("\nska2 on an i.i.d. stream answers with the value written two steps "
-                     "*later*: the lag operator M = Σ k_i k_{i−1}ᵀ maps k_i to k_{i+1}, so "
-                     "(G⁻¹M)² moves every query two writes forward. Fraction of queries whose "
-                     f"nearest stored value is v_(i+2) (d = {d}, ρ = 0): "
-                     + ", ".join(f"N/d = {r['ratio']:g}: {r['acc_shift2']:.2f}" for r in shift)
-                     + ".\n")
+        parts.append(
+            "\nska2 on an i.i.d. stream answers with the value written two steps "
+            "*later*: the lag operator M = Σ k_i k_{i−1}ᵀ maps k_i to k_{i+1}, so "
+            "(G⁻¹M)² moves every query two writes forward. Fraction of queries whose "
+            f"nearest stored value is v_(i+2) (d = {d}, ρ = 0): "
+            + ", ".join(f"N/d = {r['ratio']:g}: {r['acc_shift2']:.2f}" for r in shift)
+            + ".\n"
+        )
     struct = [r for r in rows if r.get("layout") == "structured"]
     for dd in sorted({r["d"] for r in struct}):
         for rho in result["rhos"]:
             sel = [r for r in struct if r["d"] == dd and r["rho"] == rho]
             if sel:
-                parts.append("\nStructured stream (each pair written twice in a row, then 2 "
-                             "fresh distractor pairs; only the persistent pairs are queried; "
-                             f"N counts persistent pairs), d = {dd}, ρ = {rho}\n\n"
-                             + _point_table(sel, methods, dd))
+                parts.append(
+                    "\nStructured stream (each pair written twice in a row, then 2 "
+                    "fresh distractor pairs; only the persistent pairs are queried; "
+                    f"N counts persistent pairs), d = {dd}, ρ = {rho}\n\n"
+                    + _point_table(sel, methods, dd)
+                )
     return "".join(parts)

@@ -61,8 +61,15 @@ from kvfree.utils import default_device, environment
 
 DEFAULT_LENGTHS = (128, 512, 2048, 8192, 32768, 65536)
 #: CPU-sized presets at matched width and depth (``models/presets_decode.py``).
-CPU_MODELS = ("decode-attention", "decode-swa", "decode-mamba2", "decode-gdn", "decode-mesanet",
-              "decode-echo", "decode-fdm")
+CPU_MODELS = (
+    "decode-attention",
+    "decode-swa",
+    "decode-mamba2",
+    "decode-gdn",
+    "decode-mesanet",
+    "decode-echo",
+    "decode-fdm",
+)
 #: The FDM paper's memory table with an honest baseline: FDM-137M (d=576, 12 layers) against a
 #: KV-cached Transformer at the same width and depth, and the parameter-matched 20-layer one.
 FDM_PAPER_MODELS = ("fdm-137m", "decode-transformer-576", "fdm-137m-transformer")
@@ -173,8 +180,13 @@ def _child_rss(pid: int) -> int:
     return 0
 
 
-def run_isolated(spec: PointSpec, *, timeout_s: float, max_rss: int | None,
-                 mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> tuple[dict | None, str | None]:
+def run_isolated(
+    spec: PointSpec,
+    *,
+    timeout_s: float,
+    max_rss: int | None,
+    mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
+) -> tuple[dict | None, str | None]:
     """Measure ``spec`` in a fresh Python process; returns (result, None) or (None, reason).
 
     The child is killed when it runs past ``timeout_s`` or its RSS passes ``max_rss``.
@@ -193,8 +205,7 @@ def run_isolated(spec: PointSpec, *, timeout_s: float, max_rss: int | None,
             if time.monotonic() - t0 > timeout_s:
                 reason = f"killed: ran past the per-point time budget of {timeout_s:g} s"
             elif max_rss and peak > max_rss:
-                reason = (f"killed: resident memory passed the budget of "
-                          f"{max_rss / 2**30:.1f} GiB")
+                reason = f"killed: resident memory passed the budget of {max_rss / 2**30:.1f} GiB"
             if reason:
                 proc.kill()
                 proc.wait()
@@ -205,9 +216,12 @@ def run_isolated(spec: PointSpec, *, timeout_s: float, max_rss: int | None,
         lines = [ln for ln in out.read().splitlines() if ln.startswith(RESULT_TAG)]
         if not lines:
             tail = err.read()[-600:].strip()
-            return None, f"worker exited with code {proc.returncode} (signal 9 = killed, e.g. " \
-                         f"out of memory): {tail or 'no output'}"
-        result = json.loads(lines[-1][len(RESULT_TAG):])
+            return (
+                None,
+                f"worker exited with code {proc.returncode} (signal 9 = killed, e.g. "
+                f"out of memory): {tail or 'no output'}",
+            )
+        result = json.loads(lines[-1][len(RESULT_TAG) :])
     if "error" in result:
         return None, f"failed: {result['error']}"
     if mmap_threshold:
@@ -217,8 +231,9 @@ def run_isolated(spec: PointSpec, *, timeout_s: float, max_rss: int | None,
 
 def _measure(spec: PointSpec, cfg: DecodeBenchConfig, max_rss: int | None):
     if cfg.isolate:
-        return run_isolated(spec, timeout_s=cfg.point_timeout_s, max_rss=max_rss,
-                            mmap_threshold=cfg.mmap_threshold)
+        return run_isolated(
+            spec, timeout_s=cfg.point_timeout_s, max_rss=max_rss, mmap_threshold=cfg.mmap_threshold
+        )
     try:
         return measure_point(spec), None
     except (RuntimeError, MemoryError) as e:  # e.g. "can't allocate memory"
@@ -226,12 +241,28 @@ def _measure(spec: PointSpec, cfg: DecodeBenchConfig, max_rss: int | None):
 
 
 #: Settings that must agree for a stored row to be reused by ``resume``.
-_SAME_MEASUREMENT = ("batch", "decode_steps", "warmup_steps", "dtype", "device", "threads",
-                     "seed", "kv_prealloc", "mmap_threshold", "isolate", "repeats")
+_SAME_MEASUREMENT = (
+    "batch",
+    "decode_steps",
+    "warmup_steps",
+    "dtype",
+    "device",
+    "threads",
+    "seed",
+    "kv_prealloc",
+    "mmap_threshold",
+    "isolate",
+    "repeats",
+)
 
 #: Per-process latency figures combined over repeats (median of the per-process values).
-LATENCY_KEYS = ("decode_ms_median", "ref_ms_median", "decode_vs_ref", "decode_cpu_ms_median",
-                "decode_mmap_ms_median")
+LATENCY_KEYS = (
+    "decode_ms_median",
+    "ref_ms_median",
+    "decode_vs_ref",
+    "decode_cpu_ms_median",
+    "decode_mmap_ms_median",
+)
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -260,30 +291,44 @@ def reusable_rows(cfg: DecodeBenchConfig, previous: dict | None) -> dict[tuple, 
     old = previous.get("config", {})
     if any(old.get(k) != getattr(cfg, k) for k in _SAME_MEASUREMENT):
         return {}
-    return {(r["model"], r["n"]): r for r in previous.get("rows", [])
-            if r.get("repeats", 1) >= cfg.repeats}  # not a row whose repeats were cut short
+    return {
+        (r["model"], r["n"]): r
+        for r in previous.get("rows", [])
+        if r.get("repeats", 1) >= cfg.repeats
+    }  # not a row whose repeats were cut short
 
 
 def _skip_reason(cfg, n, failed, prev, weights_state, max_rss, t_start) -> str | None:
     if failed:
         return f"skipped: N={failed[0]} already failed ({failed[1]})"
     if max_rss and weights_state > max_rss:
-        return (f"skipped: weights + analytic state = {weights_state / 2**30:.2f} GiB > memory "
-                f"budget {max_rss / 2**30:.2f} GiB")
+        return (
+            f"skipped: weights + analytic state = {weights_state / 2**30:.2f} GiB > memory "
+            f"budget {max_rss / 2**30:.2f} GiB"
+        )
     if prev and (p := predicted_seconds(prev, n)) > cfg.point_timeout_s:
-        return (f"skipped: predicted {p:.0f} s from N={prev['n']} > per-point budget "
-                f"{cfg.point_timeout_s:g} s")
+        return (
+            f"skipped: predicted {p:.0f} s from N={prev['n']} > per-point budget "
+            f"{cfg.point_timeout_s:g} s"
+        )
     if cfg.total_budget_s and time.monotonic() - t_start > cfg.total_budget_s:
         return f"skipped: total budget of {cfg.total_budget_s:g} s used up"
     return None
 
 
-def _needs_chunking(cfg: DecodeBenchConfig, prev: dict | None, n: int, chunk: int | None,
-                    max_rss: int | None) -> bool:
+def _needs_chunking(
+    cfg: DecodeBenchConfig, prev: dict | None, n: int, chunk: int | None, max_rss: int | None
+) -> bool:
     """Whole-prompt prefill whose peak, scaled linearly from the previous N, would pass 90 %
     of the memory budget (then prefill in ``retry_prefill_chunk`` segments at once)."""
-    if chunk or not prev or not max_rss or not cfg.retry_prefill_chunk or \
-            n <= cfg.retry_prefill_chunk or prev.get("prefill_chunk"):
+    if (
+        chunk
+        or not prev
+        or not max_rss
+        or not cfg.retry_prefill_chunk
+        or n <= cfg.retry_prefill_chunk
+        or prev.get("prefill_chunk")
+    ):
         return False
     return prev["prefill_peak_bytes"] * n / prev["n"] > 0.9 * max_rss
 
@@ -293,18 +338,20 @@ def _measure_with_retry(spec: PointSpec, cfg: DecodeBenchConfig, max_rss, log):
     prefilled in ``cfg.retry_prefill_chunk``-token segments."""
     row, reason = _measure(spec, cfg, max_rss)
     retry = cfg.retry_prefill_chunk
-    if reason and "memory" in reason and spec.prefill_chunk is None and retry and \
-            spec.n > retry:
-        log(f"{spec.preset} N={spec.n}: {reason}; retrying with the prompt prefilled in "
-            f"{retry}-token segments")
+    if reason and "memory" in reason and spec.prefill_chunk is None and retry and spec.n > retry:
+        log(
+            f"{spec.preset} N={spec.n}: {reason}; retrying with the prompt prefilled in "
+            f"{retry}-token segments"
+        )
         spec.prefill_chunk = retry
         row, again = _measure(spec, cfg, max_rss)
         reason = again and f"{reason}; with {retry}-token prefill segments: {again}"
     return row, reason
 
 
-def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
-             on_point=None) -> dict:
+def run_grid(
+    cfg: DecodeBenchConfig, log=print, previous: dict | None = None, on_point=None
+) -> dict:
     """Measure every (model, N) point that fits; returns rows, skipped points and metadata.
 
     ``previous``: an earlier result whose rows with the same measurement settings are reused
@@ -317,36 +364,57 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
     env = environment(device)
     if cfg.threads:
         env["threads"] = cfg.threads
-    result = {"benchmark": "decode", "config": asdict(cfg), "env": {**env, "dtype": cfg.dtype},
-              "max_rss_bytes": max_rss, "rows": [], "skipped": [], "wall_s": 0.0}
+    result = {
+        "benchmark": "decode",
+        "config": asdict(cfg),
+        "env": {**env, "dtype": cfg.dtype},
+        "max_rss_bytes": max_rss,
+        "rows": [],
+        "skipped": [],
+        "wall_s": 0.0,
+    }
     reuse = reusable_rows(cfg, previous)
     steps_total = decoded_tokens(cfg.warmup_steps, cfg.decode_steps)
     t_start = time.monotonic()
     for name in cfg.models:
-        overrides, meta = plan_model(name, cfg.overrides.get(name, {}),
-                                     max(cfg.lengths) + steps_total)
+        overrides, meta = plan_model(
+            name, cfg.overrides.get(name, {}), max(cfg.lengths) + steps_total
+        )
         weights = sum(p.numel() for p in meta.parameters()) * element_bytes(cfg.dtype)
         prev, failed, chunk = None, None, cfg.prefill_chunk
         measured: list[tuple[PointSpec, list[dict], int]] = []  # (spec, runs, index in rows)
         for n in cfg.lengths:
             row = reuse.get((name, n))
             state = analytic_state_bytes(meta, n + steps_total, cfg.batch, cfg.dtype)
-            reason = None if row else _skip_reason(cfg, n, failed, prev, weights + state,
-                                                   max_rss, t_start)
+            reason = (
+                None
+                if row
+                else _skip_reason(cfg, n, failed, prev, weights + state, max_rss, t_start)
+            )
             reused = row is not None
             if reused:
                 log(f"{name} N={n}: reused from the earlier result")
             elif reason is None:
                 if _needs_chunking(cfg, prev, n, chunk, max_rss):
                     chunk = cfg.retry_prefill_chunk
-                    log(f"{name} N={n}: the prefill peak predicted from N={prev['n']} exceeds "
-                        f"the memory budget; prefilling in {chunk}-token segments")
+                    log(
+                        f"{name} N={n}: the prefill peak predicted from N={prev['n']} exceeds "
+                        f"the memory budget; prefilling in {chunk}-token segments"
+                    )
                 kv = kv_prealloc_overrides(meta, n + steps_total) if cfg.kv_prealloc else {}
-                spec = PointSpec(preset=name, n=n, batch=cfg.batch,
-                                 decode_steps=cfg.decode_steps, warmup_steps=cfg.warmup_steps,
-                                 dtype=cfg.dtype, device=device, threads=cfg.threads,
-                                 seed=cfg.seed, overrides={**overrides, **kv},
-                                 prefill_chunk=chunk if chunk and n > chunk else None)
+                spec = PointSpec(
+                    preset=name,
+                    n=n,
+                    batch=cfg.batch,
+                    decode_steps=cfg.decode_steps,
+                    warmup_steps=cfg.warmup_steps,
+                    dtype=cfg.dtype,
+                    device=device,
+                    threads=cfg.threads,
+                    seed=cfg.seed,
+                    overrides={**overrides, **kv},
+                    prefill_chunk=chunk if chunk and n > chunk else None,
+                )
                 row, reason = _measure_with_retry(spec, cfg, max_rss, log)
                 failed = (n, reason) if reason else None
             if reason:
@@ -358,10 +426,12 @@ def run_grid(cfg: DecodeBenchConfig, log=print, previous: dict | None = None,
                     row = merge_repeats([row])
                 result["rows"].append(row)
                 prev, chunk = row, row.get("prefill_chunk") or chunk  # chunked from here on
-                log(f"{name} N={n}: state {row['state_bytes'] / 2**20:.3f} MiB, prefill peak "
+                log(
+                    f"{name} N={n}: state {row['state_bytes'] / 2**20:.3f} MiB, prefill peak "
                     f"{row['prefill_peak_bytes'] / 2**20:.1f} MiB, decode peak "
                     f"{row['decode_peak_bytes'] / 2**20:.1f} MiB, {row['prefill_tok_s']:.0f} "
-                    f"tok/s prefill, {row['decode_ms_median']:.2f} ms/token")
+                    f"tok/s prefill, {row['decode_ms_median']:.2f} ms/token"
+                )
             result["wall_s"] = time.monotonic() - t_start
             if on_point:
                 on_point(result)
@@ -380,16 +450,23 @@ def _repeat_points(cfg, measured, result, max_rss, log, on_point, t_start) -> No
                 continue
             runs.append(row)
             result["rows"][index] = merged = merge_repeats(runs)
-            log(f"{spec.preset} N={spec.n}: repeat {rnd}/{cfg.repeats}: "
+            log(
+                f"{spec.preset} N={spec.n}: repeat {rnd}/{cfg.repeats}: "
                 f"{row['decode_ms_median']:.2f} ms/token (median of {len(runs)} runs: "
-                f"{merged['decode_ms_median']:.2f})")
+                f"{merged['decode_ms_median']:.2f})"
+            )
             result["wall_s"] = time.monotonic() - t_start
             if on_point:
                 on_point(result)
 
 
-def run(cfg: DecodeBenchConfig, out_dir: str | Path = "runs/bench-decode", log=print,
-        plots: bool = True, resume: bool = False) -> dict:
+def run(
+    cfg: DecodeBenchConfig,
+    out_dir: str | Path = "runs/bench-decode",
+    log=print,
+    plots: bool = True,
+    resume: bool = False,
+) -> dict:
     """Run the grid and write ``decode.json``, ``decode.md`` and the two plots; ``decode.json``
     is rewritten after every point, so an interrupted run can be resumed (``resume=True``
     reuses its rows measured with the same settings)."""

@@ -97,8 +97,14 @@ class AllocatorPhases:
 
     @property
     def method(self) -> str:
-        return (f"; latency timed with the mmap threshold at {TIMING_MMAP_THRESHOLD >> 20} MiB, "
-                f"memory with it at {self.measuring}") if self.active else ""
+        return (
+            (
+                f"; latency timed with the mmap threshold at {TIMING_MMAP_THRESHOLD >> 20} MiB, "
+                f"memory with it at {self.measuring}"
+            )
+            if self.active
+            else ""
+        )
 
 
 class CpuRssProbe:
@@ -109,11 +115,15 @@ class CpuRssProbe:
         self._max = 0
         self._stop = threading.Event()
         if not force_sampling and self._can_reset_hwm():
-            self.method = ("VmHWM - VmRSS from /proc/self/status, VmHWM reset by writing 5 to "
-                           "/proc/self/clear_refs; malloc_trim(0) before each phase")
+            self.method = (
+                "VmHWM - VmRSS from /proc/self/status, VmHWM reset by writing 5 to "
+                "/proc/self/clear_refs; malloc_trim(0) before each phase"
+            )
         else:
-            self.method = (f"VmRSS sampled every {1e3 * sample_interval_s:g} ms by a thread; "
-                           "malloc_trim(0) before each phase")
+            self.method = (
+                f"VmRSS sampled every {1e3 * sample_interval_s:g} ms by a thread; "
+                "malloc_trim(0) before each phase"
+            )
             self._interval = sample_interval_s
             self._max = rss_bytes()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -164,8 +174,10 @@ class CudaProbe:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.method = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
-                       "memory_allocated at the start of the phase")
+        self.method = (
+            "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+            "memory_allocated at the start of the phase"
+        )
 
     def current(self) -> int:
         return torch.cuda.memory_allocated(self.device)

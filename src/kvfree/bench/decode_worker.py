@@ -50,8 +50,12 @@ from kvfree.state import iter_tensors, state_bytes
 from kvfree.utils import default_device, environment
 
 RESULT_TAG = "KVFREE_RESULT "
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -75,9 +79,11 @@ class PointSpec:
 
     def __post_init__(self):
         if self.n < 1 or self.batch < 1 or self.decode_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"need n >= 1, batch >= 1, decode_steps >= 1, warmup_steps >= 0; "
-                             f"got n={self.n}, batch={self.batch}, decode_steps="
-                             f"{self.decode_steps}, warmup_steps={self.warmup_steps}")
+            raise ValueError(
+                f"need n >= 1, batch >= 1, decode_steps >= 1, warmup_steps >= 0; "
+                f"got n={self.n}, batch={self.batch}, decode_steps="
+                f"{self.decode_steps}, warmup_steps={self.warmup_steps}"
+            )
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {self.prefill_chunk}")
         if self.dtype not in DTYPES:
@@ -113,8 +119,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_last(model: LanguageModel, ids: torch.Tensor, state: ModelState | None = None,
-                 chunk: int | None = None) -> tuple[torch.Tensor, ModelState]:
+def prefill_last(
+    model: LanguageModel,
+    ids: torch.Tensor,
+    state: ModelState | None = None,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, ModelState]:
     """``model.prefill(ids, state=state)`` with logits for the last position only: [B, V].
 
     The full [B, N, V] logits a training forward returns are not needed to start decoding and
@@ -124,7 +134,7 @@ def prefill_last(model: LanguageModel, ids: torch.Tensor, state: ModelState | No
     """
     if chunk is not None and ids.shape[1] > chunk:
         for s in range(0, ids.shape[1], chunk):
-            logits, state = prefill_last(model, ids[:, s:s + chunk], state)
+            logits, state = prefill_last(model, ids[:, s : s + chunk], state)
         return logits, state
     with torch.no_grad():
         pos = state.pos if state is not None else 0
@@ -152,17 +162,25 @@ def storage_bytes(state: Any) -> int:
     return sum(seen.values())
 
 
-def layer_accounting(model: LanguageModel, state: ModelState, seq_len: int, batch: int,
-                     dtype: torch.dtype) -> list[dict]:
+def layer_accounting(
+    model: LanguageModel, state: ModelState, seq_len: int, batch: int, dtype: torch.dtype
+) -> list[dict]:
     """Per layer: mixer, formula, analytic count and bytes, and the measured carried bytes."""
     rows = []
     for i, (mixer, s) in enumerate(zip(model.mixers(), state.layers)):
         elems = int(mixer.state_size(seq_len)) * batch
-        rows.append({"layer": i, "mixer": model.config.layers[i],
-                     "fixed_memory": bool(mixer.fixed_memory), "formula": mixer.state_formula(),
-                     "analytic_elements": elems,
-                     "analytic_bytes": mixer.state_nbytes(seq_len, dtype) * batch,
-                     "measured_bytes": state_bytes(s), "storage_bytes": storage_bytes(s)})
+        rows.append(
+            {
+                "layer": i,
+                "mixer": model.config.layers[i],
+                "fixed_memory": bool(mixer.fixed_memory),
+                "formula": mixer.state_formula(),
+                "analytic_elements": elems,
+                "analytic_bytes": mixer.state_nbytes(seq_len, dtype) * batch,
+                "measured_bytes": state_bytes(s),
+                "storage_bytes": storage_bytes(s),
+            }
+        )
     return rows
 
 
@@ -189,8 +207,9 @@ def measure_point(spec: PointSpec, *, force_sampling: bool = False) -> dict:
 
 def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
     rss_start = rss_bytes()
-    phases = AllocatorPhases(int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0))
-                             if device.type == "cpu" else None)
+    phases = AllocatorPhases(
+        int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)) if device.type == "cpu" else None
+    )
     model = build_model(spec, device)
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(spec.seed + 1)
@@ -200,8 +219,15 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         logits, st = prefill_last(model, warm_ids)
         phases.timing()
         ref_times: list[float] = []
-        _decode(model, logits.argmax(-1), st, spec.warmup_steps + spec.decode_steps,
-                ref_times, [], device)
+        _decode(
+            model,
+            logits.argmax(-1),
+            st,
+            spec.warmup_steps + spec.decode_steps,
+            ref_times,
+            [],
+            device,
+        )
         del logits, st, warm_ids
         gc.collect()
         phases.measuring_memory()
@@ -232,45 +258,65 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         phases.timing()
         times: list[float] = []
         cpu: list[float] = []
-        tok, state = _decode(model, tok, state, spec.warmup_steps + spec.decode_steps, times,
-                             cpu, device)
+        tok, state = _decode(
+            model, tok, state, spec.warmup_steps + spec.decode_steps, times, cpu, device
+        )
         end_len = spec.n + decoded_tokens(spec.warmup_steps, spec.decode_steps)
         layers_end = layer_accounting(model, state, end_len, spec.batch, DTYPES[spec.dtype])
 
-    timed = [1e3 * t for t in times[spec.warmup_steps:]]
+    timed = [1e3 * t for t in times[spec.warmup_steps :]]
     median_ms = statistics.median(timed)
-    ref_ms = statistics.median(1e3 * t for t in ref_times[spec.warmup_steps:])
-    mmap_ms = statistics.median(1e3 * t for t in mem_times[spec.warmup_steps:])
+    ref_ms = statistics.median(1e3 * t for t in ref_times[spec.warmup_steps :])
+    mmap_ms = statistics.median(1e3 * t for t in mem_times[spec.warmup_steps :])
     q = statistics.quantiles(timed, n=10) if len(timed) > 1 else [median_ms] * 9
     wbytes = weight_bytes(model)
     out = {
-        "model": spec.preset, "n": spec.n, "batch": spec.batch, "dtype": spec.dtype,
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "layers_config": list(model.config.layers), "d_model": model.config.d_model,
+        "model": spec.preset,
+        "n": spec.n,
+        "batch": spec.batch,
+        "dtype": spec.dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "layers_config": list(model.config.layers),
+        "d_model": model.config.d_model,
         "num_layers": len(model.config.layers),
         "fixed_memory": all(r["fixed_memory"] for r in layers),
-        "params": model.num_parameters(), "weight_bytes": wbytes,
+        "params": model.num_parameters(),
+        "weight_bytes": wbytes,
         "state_bytes": sum(r["measured_bytes"] for r in layers),
         "state_bytes_analytic": sum(r["analytic_bytes"] for r in layers),
         "state_storage_bytes": sum(r["storage_bytes"] for r in layers),
         "state_bytes_end": sum(r["measured_bytes"] for r in layers_end),
         "state_bytes_end_analytic": sum(r["analytic_bytes"] for r in layers_end),
-        "end_len": end_len, "layers": layers,
-        "layers_end": [{k: r[k] for k in ("layer", "analytic_bytes", "measured_bytes")}
-                       for r in layers_end],
+        "end_len": end_len,
+        "layers": layers,
+        "layers_end": [
+            {k: r[k] for k in ("layer", "analytic_bytes", "measured_bytes")} for r in layers_end
+        ],
         "prefill_chunk": spec.prefill_chunk,
-        "prefill_s": prefill_s, "prefill_tok_s": spec.batch * spec.n / prefill_s,
-        "prefill_peak_bytes": prefill_peak, "held_bytes": held, "decode_peak_bytes": decode_peak,
-        "decode_steady_peak_bytes": steady_peak, "held_steady_bytes": held_steady,
-        "decode_ms": timed, "decode_ms_median": median_ms, "decode_ms_p10": q[0],
-        "decode_ms_p90": q[-1], "decode_tok_s": 1e3 * spec.batch / median_ms,
-        "ref_ms_median": ref_ms, "decode_vs_ref": median_ms / ref_ms,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": spec.batch * spec.n / prefill_s,
+        "prefill_peak_bytes": prefill_peak,
+        "held_bytes": held,
+        "decode_peak_bytes": decode_peak,
+        "decode_steady_peak_bytes": steady_peak,
+        "held_steady_bytes": held_steady,
+        "decode_ms": timed,
+        "decode_ms_median": median_ms,
+        "decode_ms_p10": q[0],
+        "decode_ms_p90": q[-1],
+        "decode_tok_s": 1e3 * spec.batch / median_ms,
+        "ref_ms_median": ref_ms,
+        "decode_vs_ref": median_ms / ref_ms,
         "decode_mmap_ms_median": mmap_ms,
         # generated tokens per second counting the prefill too (what the FDM paper timed)
         "tok_s_incl_prefill": spec.batch * len(times) / (prefill_s + sum(times)),
-        "decode_cpu_ms_median": statistics.median(1e3 * c for c in cpu[spec.warmup_steps:]),
-        "decode_steps": spec.decode_steps, "warmup_steps": spec.warmup_steps,
-        "memory_method": probe.method + phases.method, "rss_start_bytes": rss_start,
+        "decode_cpu_ms_median": statistics.median(1e3 * c for c in cpu[spec.warmup_steps :]),
+        "decode_steps": spec.decode_steps,
+        "warmup_steps": spec.warmup_steps,
+        "memory_method": probe.method + phases.method,
+        "rss_start_bytes": rss_start,
         "rss_model_loaded_bytes": rss_loaded,
     }
     if device.type == "cuda":
@@ -300,8 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure_point(spec)
     except Exception as e:  # reported to the parent as a skipped point with the reason
-        result = {"model": spec.preset, "n": spec.n, "error": f"{type(e).__name__}: {e}",
-                  "env": environment(spec.device)}
+        result = {
+            "model": spec.preset,
+            "n": spec.n,
+            "error": f"{type(e).__name__}: {e}",
+            "env": environment(spec.device),
+        }
         print(RESULT_TAG + json.dumps(result), flush=True)
         return 1
     print(RESULT_TAG + json.dumps(result), flush=True)

@@ -41,9 +41,12 @@ MODELS = {  # runner name -> preset
     "transformer-rope": "fdm-mqar-transformer-rope",
 }
 PAPER = {  # fdm.md §9.2 (max test accuracy over 100 epochs, one run)
-    ("transformer", "easy"): 0.606, ("transformer", "medium"): 0.238,
-    ("fdm-k0", "easy"): 0.011, ("fdm-k0", "medium"): 0.011,
-    ("fdm-k16", "easy"): 0.966, ("fdm-k16", "medium"): 0.064,
+    ("transformer", "easy"): 0.606,
+    ("transformer", "medium"): 0.238,
+    ("fdm-k0", "easy"): 0.011,
+    ("fdm-k0", "medium"): 0.011,
+    ("fdm-k16", "easy"): 0.966,
+    ("fdm-k16", "medium"): 0.064,
 }
 
 
@@ -72,8 +75,11 @@ def splits(n: int, p: Protocol) -> dict[str, np.ndarray]:
     n_test = int(round(n * p.test_frac))
     n_val = int(round((n - n_test) * p.val_frac))
     idx = np.arange(n)
-    return {"test": idx[:n_test], "val": idx[n_test:n_test + n_val],
-            "train": idx[n_test + n_val:]}
+    return {
+        "test": idx[:n_test],
+        "val": idx[n_test : n_test + n_val],
+        "train": idx[n_test + n_val :],
+    }
 
 
 def scored_logits(model: LanguageModel, inputs: torch.Tensor, labels: torch.Tensor):
@@ -92,7 +98,7 @@ def accuracy(model, data, idx, device, batch_size: int = 512) -> float:
     model.eval()
     accs = []
     for i in range(0, len(idx), batch_size):
-        b = data.batch(idx[i:i + batch_size], device=device)
+        b = data.batch(idx[i : i + batch_size], device=device)
         logits, labels = scored_logits(model, b["inputs"], b["labels"])
         pred = torch.full_like(b["labels"], IGNORE)
         pred[b["labels"] != IGNORE] = logits.argmax(-1)
@@ -108,8 +114,7 @@ def run_one(model_name: str, setting: str, seed: int, p: Protocol, device=None) 
         raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
     device = torch.device(device or default_device())
     L, n = SETTINGS[setting]
-    data = make("fdm_mqar", p.data_seed, num_examples=p.num_examples, seq_len=L,
-                num_kv_pairs=n)
+    data = make("fdm_mqar", p.data_seed, num_examples=p.num_examples, seq_len=L, num_kv_pairs=n)
     # Trailing PAD after the last query is never scored and, the models being causal, never
     # influences a scored position: drop it (exact; 24 of 64 tokens in Easy, 40 of 128 in
     # Medium; tests/bench/test_fdm_mqar.py checks the logits are unchanged).
@@ -130,7 +135,7 @@ def run_one(model_name: str, setting: str, seed: int, p: Protocol, device=None) 
         order = train[torch.randperm(len(train), generator=gen).numpy()]
         losses = []
         for i in range(0, len(order), p.batch_size):
-            b = data.batch(order[i:i + p.batch_size], device=device)
+            b = data.batch(order[i : i + p.batch_size], device=device)
             logits, labels = scored_logits(model, b["inputs"], b["labels"])
             loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)
@@ -138,24 +143,43 @@ def run_one(model_name: str, setting: str, seed: int, p: Protocol, device=None) 
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             opt.step()
             losses.append(loss.item())
-        curve.append({"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
-                      "val_acc": accuracy(model, data, sp["val"], device),
-                      "test_acc": accuracy(model, data, sp["test"], device)})
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": float(np.mean(losses)),
+                "val_acc": accuracy(model, data, sp["val"], device),
+                "test_acc": accuracy(model, data, sp["test"], device),
+            }
+        )
     val = [c["val_acc"] for c in curve]
     test = [c["test_acc"] for c in curve]
     best = int(np.argmax(val))
-    return {"model": model_name, "preset": MODELS[model_name], "setting": setting,
-            "seq_len": L, "trained_len": cut, "num_kv_pairs": n, "seed": seed, "epochs": p.epochs,
-            "params": sum(q.numel() for q in model.parameters()),
-            "final_test_acc": test[-1], "best_val_epoch": best + 1,
-            "test_acc_at_best_val": test[best], "max_test_acc_over_epochs": max(test),
-            "seconds": time.time() - t0, "curve": curve}
+    return {
+        "model": model_name,
+        "preset": MODELS[model_name],
+        "setting": setting,
+        "seq_len": L,
+        "trained_len": cut,
+        "num_kv_pairs": n,
+        "seed": seed,
+        "epochs": p.epochs,
+        "params": sum(q.numel() for q in model.parameters()),
+        "final_test_acc": test[-1],
+        "best_val_epoch": best + 1,
+        "test_acc_at_best_val": test[best],
+        "max_test_acc_over_epochs": max(test),
+        "seconds": time.time() - t0,
+        "curve": curve,
+    }
 
 
 def _summary(rows: list[dict]) -> list[dict]:
     out = []
-    keys = sorted({(r["model"], r["setting"]) for r in rows},
-                  key=lambda k: (list(MODELS).index(k[0]), list(SETTINGS).index(k[1])))
+    keys = sorted(
+        {(r["model"], r["setting"]) for r in rows},
+        key=lambda k: (list(MODELS).index(k[0]), list(SETTINGS).index(k[1])),
+    )
     for model_name, setting in keys:
         rs = [r for r in rows if r["model"] == model_name and r["setting"] == setting]
 
@@ -163,23 +187,40 @@ def _summary(rows: list[dict]) -> list[dict]:
             v = np.array([r[k] for r in rs])
             return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
-        f, bv, mx = stat("final_test_acc"), stat("test_acc_at_best_val"), \
-            stat("max_test_acc_over_epochs")
-        out.append({"model": model_name, "setting": setting, "seeds": len(rs),
-                    "seed_list": ",".join(str(r["seed"]) for r in rs),
-                    "final_test": f"{f[0]:.3f} ± {f[1]:.3f}",
-                    "test_at_best_val": f"{bv[0]:.3f} ± {bv[1]:.3f}",
-                    "max_over_epochs_repro": f"{mx[0]:.3f} ± {mx[1]:.3f}",
-                    "paper_max_over_epochs": PAPER.get((model_name, setting)),
-                    "seconds_per_run": float(np.mean([r["seconds"] for r in rs])),
-                    "final_mean": f[0], "best_val_mean": bv[0], "max_mean": mx[0]})
+        f, bv, mx = (
+            stat("final_test_acc"),
+            stat("test_acc_at_best_val"),
+            stat("max_test_acc_over_epochs"),
+        )
+        out.append(
+            {
+                "model": model_name,
+                "setting": setting,
+                "seeds": len(rs),
+                "seed_list": ",".join(str(r["seed"]) for r in rs),
+                "final_test": f"{f[0]:.3f} ± {f[1]:.3f}",
+                "test_at_best_val": f"{bv[0]:.3f} ± {bv[1]:.3f}",
+                "max_over_epochs_repro": f"{mx[0]:.3f} ± {mx[1]:.3f}",
+                "paper_max_over_epochs": PAPER.get((model_name, setting)),
+                "seconds_per_run": float(np.mean([r["seconds"] for r in rs])),
+                "final_mean": f[0],
+                "best_val_mean": bv[0],
+                "max_mean": mx[0],
+            }
+        )
     return out
 
 
-def run(out_dir: str | Path = "runs/fdm-mqar", models=("fdm-k0", "fdm-k16", "transformer",
-        "transformer-rope"), settings=("easy", "medium"), seeds=(0, 1, 2),
-        protocol: Protocol | None = None, device=None, progress: bool = True,
-        resume: bool = True) -> dict:
+def run(
+    out_dir: str | Path = "runs/fdm-mqar",
+    models=("fdm-k0", "fdm-k16", "transformer", "transformer-rope"),
+    settings=("easy", "medium"),
+    seeds=(0, 1, 2),
+    protocol: Protocol | None = None,
+    device=None,
+    progress: bool = True,
+    resume: bool = True,
+) -> dict:
     """The whole sweep; results go to ``out_dir`` (JSON + markdown). Returns the summary."""
     p = protocol or Protocol()
     out_dir = Path(out_dir)
@@ -198,26 +239,43 @@ def run(out_dir: str | Path = "runs/fdm-mqar", models=("fdm-k0", "fdm-k16", "tra
                 write_json(path, rec)
                 rows.append(rec)
                 if progress:
-                    print(f"{model_name:16s} {setting:6s} seed {seed}: final "
-                          f"{rec['final_test_acc']:.3f}, at best val "
-                          f"{rec['test_acc_at_best_val']:.3f}, max "
-                          f"{rec['max_test_acc_over_epochs']:.3f} ({rec['seconds']:.0f} s)",
-                          flush=True)
+                    print(
+                        f"{model_name:16s} {setting:6s} seed {seed}: final "
+                        f"{rec['final_test_acc']:.3f}, at best val "
+                        f"{rec['test_acc_at_best_val']:.3f}, max "
+                        f"{rec['max_test_acc_over_epochs']:.3f} ({rec['seconds']:.0f} s)",
+                        flush=True,
+                    )
     summary = _summary(rows)
     env = environment(device)
-    result = {"benchmark": "fdm_mqar", "protocol": asdict(p), "env": env,
-              "wall_seconds": time.time() - t0, "summary": summary,
-              "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+    result = {
+        "benchmark": "fdm_mqar",
+        "protocol": asdict(p),
+        "env": env,
+        "wall_seconds": time.time() - t0,
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+    }
     write_json(out_dir / "fdm_mqar.json", result)
-    cols = ["model", "setting", "seeds", "final_test", "test_at_best_val",
-            "max_over_epochs_repro", "paper_max_over_epochs", "seconds_per_run"]
-    md = (f"FDM MQAR protocol (tasks.md §3): {p.num_examples} sequences (data seed "
-          f"{p.data_seed}), first {p.test_frac:.0%} test, validation {p.val_frac:.0%} of the "
-          f"rest; Adam LR {p.lr}, cosine over {p.epochs} epochs, batch {p.batch_size}, clip "
-          f"{p.grad_clip}. Accuracy = mean per-example accuracy on the query positions, "
-          f"mean ± std over model seeds. `max_over_epochs_repro` selects on the test set "
-          f"(the paper's metric, reproduction only); the paper trained 100 epochs, one run. "
-          f"{env['device']} ({env['device_name']}), {env['threads']} threads, torch "
-          f"{env['torch']}.\n\n" + markdown_table(summary, cols))
+    cols = [
+        "model",
+        "setting",
+        "seeds",
+        "final_test",
+        "test_at_best_val",
+        "max_over_epochs_repro",
+        "paper_max_over_epochs",
+        "seconds_per_run",
+    ]
+    md = (
+        f"FDM MQAR protocol (tasks.md §3): {p.num_examples} sequences (data seed "
+        f"{p.data_seed}), first {p.test_frac:.0%} test, validation {p.val_frac:.0%} of the "
+        f"rest; Adam LR {p.lr}, cosine over {p.epochs} epochs, batch {p.batch_size}, clip "
+        f"{p.grad_clip}. Accuracy = mean per-example accuracy on the query positions, "
+        f"mean ± std over model seeds. `max_over_epochs_repro` selects on the test set "
+        f"(the paper's metric, reproduction only); the paper trained 100 epochs, one run. "
+        f"{env['device']} ({env['device_name']}), {env['threads']} threads, torch "
+        f"{env['torch']}.\n\n" + markdown_table(summary, cols)
+    )
     atomic_write(out_dir / "fdm_mqar.md", md)
     return {**result, "markdown": md}

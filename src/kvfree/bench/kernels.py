@@ -19,8 +19,16 @@ from kvfree.utils import default_device, environment
 DEFAULT_LENGTHS = (256, 1024, 4096)
 
 
-def time_mixer(name: str, d_model: int, T: int, *, batch: int = 1, device=None,
-               repeats: int = 3, loop_budget_s: float = 20.0) -> dict:
+def time_mixer(
+    name: str,
+    d_model: int,
+    T: int,
+    *,
+    batch: int = 1,
+    device=None,
+    repeats: int = 3,
+    loop_budget_s: float = 20.0,
+) -> dict:
     device = torch.device(device or default_device())
     torch.manual_seed(0)
     mixer = build_mixer(name, d_model).to(device).eval()
@@ -37,15 +45,27 @@ def time_mixer(name: str, d_model: int, T: int, *, batch: int = 1, device=None,
                 _, s = mixer.step(x[:, t], s)
 
     t_par = median_time(run_parallel, repeats=repeats, device=device)
-    t_loop = median_time(run_loop, repeats=repeats, warmup=0, device=device,
-                         budget_s=loop_budget_s)
-    return {"mixer": name, "T": T, "parallel_ms": 1e3 * t_par, "loop_ms": 1e3 * t_loop,
-            "speedup": t_loop / t_par, "loop_us_per_token": 1e6 * t_loop / T}
+    t_loop = median_time(run_loop, repeats=repeats, warmup=0, device=device, budget_s=loop_budget_s)
+    return {
+        "mixer": name,
+        "T": T,
+        "parallel_ms": 1e3 * t_par,
+        "loop_ms": 1e3 * t_loop,
+        "speedup": t_loop / t_par,
+        "loop_us_per_token": 1e6 * t_loop / T,
+    }
 
 
-def run(out_dir: str | Path = "runs/bench-kernels", mixers: list[str] | None = None,
-        lengths=DEFAULT_LENGTHS, d_model: int = 64, batch: int = 1, repeats: int = 3,
-        device: str | None = None, progress: bool = True) -> dict:
+def run(
+    out_dir: str | Path = "runs/bench-kernels",
+    mixers: list[str] | None = None,
+    lengths=DEFAULT_LENGTHS,
+    d_model: int = 64,
+    batch: int = 1,
+    repeats: int = 3,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
     out_dir = Path(out_dir)
     names = mixers or available()
     rows = []
@@ -53,16 +73,18 @@ def run(out_dir: str | Path = "runs/bench-kernels", mixers: list[str] | None = N
     for name, T in tqdm(jobs, desc="bench kernels", disable=not progress):
         rows.append(time_mixer(name, d_model, T, batch=batch, device=device, repeats=repeats))
     env = environment(device)
-    result = {"benchmark": "kernels", "d_model": d_model, "batch": batch, "env": env,
-              "rows": rows}
+    result = {"benchmark": "kernels", "d_model": d_model, "batch": batch, "env": env, "rows": rows}
     write_json(out_dir / "kernels.json", result)
-    md = (f"Forward only, d_model={d_model}, batch={batch}, median of {repeats}; "
-          f"{env['device']} ({env['device_name']}), {env['threads']} threads, "
-          f"torch {env['torch']}.\n\n")
-    md += markdown_table(rows, ["mixer", "T", "parallel_ms", "loop_ms", "speedup",
-                                "loop_us_per_token"],
-                         ["mixer", "T", "parallel (ms)", "per-token loop (ms)",
-                          "loop / parallel", "loop µs/token"])
+    md = (
+        f"Forward only, d_model={d_model}, batch={batch}, median of {repeats}; "
+        f"{env['device']} ({env['device_name']}), {env['threads']} threads, "
+        f"torch {env['torch']}.\n\n"
+    )
+    md += markdown_table(
+        rows,
+        ["mixer", "T", "parallel_ms", "loop_ms", "speedup", "loop_us_per_token"],
+        ["mixer", "T", "parallel (ms)", "per-token loop (ms)", "loop / parallel", "loop µs/token"],
+    )
     atomic_write(out_dir / "kernels.md", md)
     result["markdown"] = md
     return result

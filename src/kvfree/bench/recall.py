@@ -65,8 +65,9 @@ def plan(grid: RecallGrid, models: list[str], seeds: list[int]) -> list[Job]:
 
 
 def _cell_data(grid: RecallGrid, cell: dict, split: str, n: int, *key) -> TaskData:
-    seed = derive_seed("test" if split == "test" else "train", grid.name, split, cell_key(cell),
-                       *key)
+    seed = derive_seed(
+        "test" if split == "test" else "train", grid.name, split, cell_key(cell), *key
+    )
     return make(grid.task, seed, num_examples=n, **grid.options, **cell)
 
 
@@ -82,11 +83,13 @@ class Batches:
             sizes = grid.train_examples
             if grid.train == "per_cell":
                 sizes = [sizes[grid.training_cells().index(job.cells[0])]]
-            self.fixed = [_cell_data(grid, c, "train", n, "fixed", job.seed)
-                          for c, n in zip(job.cells, sizes)]
+            self.fixed = [
+                _cell_data(grid, c, "train", n, "fixed", job.seed) for c, n in zip(job.cells, sizes)
+            ]
             b = grid.batch_size
-            self.epoch_batches = [(i, j) for i, d in enumerate(self.fixed)
-                                  for j in range(0, len(d), b)]
+            self.epoch_batches = [
+                (i, j) for i, d in enumerate(self.fixed) for j in range(0, len(d), b)
+            ]
 
     def steps(self) -> int:
         if self.fixed is None:
@@ -104,7 +107,7 @@ class Batches:
         i, j = self.epoch_batches[order[k]]
         d = self.fixed[i]
         idx = np.random.default_rng([self.job.seed, epoch, i]).permutation(len(d))
-        return d.batch(idx[j:j + g.batch_size], mask=self.mask)
+        return d.batch(idx[j : j + g.batch_size], mask=self.mask)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -178,8 +181,15 @@ def parse_model(spec: str) -> tuple[str, dict]:
     return name, out
 
 
-def run_job(grid: RecallGrid, job: Job, out_dir: Path, *, device=None, on_step=None,
-            threads: int | None = None) -> dict:
+def run_job(
+    grid: RecallGrid,
+    job: Job,
+    out_dir: Path,
+    *,
+    device=None,
+    on_step=None,
+    threads: int | None = None,
+) -> dict:
     """Train and evaluate one job; returns {"job", "rows", "train"} (also written to disk)."""
     import torch
 
@@ -200,14 +210,20 @@ def run_job(grid: RecallGrid, job: Job, out_dir: Path, *, device=None, on_step=N
                 on_step(1)
 
     steps = batches.steps()
-    cfg = TrainConfig(steps=steps, lr=job.lr, warmup_steps=min(grid.warmup_steps, steps // 2),
-                      weight_decay=grid.weight_decay, min_lr_ratio=grid.min_lr_ratio,
-                      seed=job.seed, device=str(device), progress=False,
-                      log_every=max(1, steps // 20))
+    cfg = TrainConfig(
+        steps=steps,
+        lr=job.lr,
+        warmup_steps=min(grid.warmup_steps, steps // 2),
+        weight_decay=grid.weight_decay,
+        min_lr_ratio=grid.min_lr_ratio,
+        seed=job.seed,
+        device=str(device),
+        progress=False,
+        log_every=max(1, steps // 20),
+    )
     run_dir = out_dir / "jobs" / job.id
     t0 = time.time()
-    summary = Trainer(model, cfg, batches, run_dir=run_dir, schedule=Progress(),
-                      desc=job.id).fit()
+    summary = Trainer(model, cfg, batches, run_dir=run_dir, schedule=Progress(), desc=job.id).fit()
     if on_step is not None:
         on_step(1)  # the last step (the hook runs before each step)
     train_s = time.time() - t0
@@ -216,19 +232,38 @@ def run_job(grid: RecallGrid, job: Job, out_dir: Path, *, device=None, on_step=N
         val = _cell_data(grid, cell, "val", grid.n_val)
         test = _cell_data(grid, cell, "test", grid.n_test)
         measured, formula = measure_state(model, test, mask, device)
-        rows.append({
-            "grid": grid.name, "task": grid.task, "model": job.model, "seed": job.seed,
-            "lr": job.lr, "cell": cell_key(cell), **cell, "seq_len": test.seq_len,
-            "val_acc": evaluate(model, val, mask, grid.eval_batch, device),
-            "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
-            "n_val": len(val), "n_test": len(test),
-            "state_bytes": measured, "state_bytes_formula": formula,
-            "params": model.num_parameters(), "oracle_mask": mask is not None,
-            "steps": steps, "batch_size": grid.batch_size, "train_seconds": train_s,
-            "final_loss": summary["final_loss"], "job": job.id})
-    result = {"job": {**job.__dict__, "id": job.id}, "grid_fingerprint": grid.fingerprint(),
-              "rows": rows, "train": {**summary, "wall_seconds": time.time() - t0},
-              "env": environment(device)}
+        rows.append(
+            {
+                "grid": grid.name,
+                "task": grid.task,
+                "model": job.model,
+                "seed": job.seed,
+                "lr": job.lr,
+                "cell": cell_key(cell),
+                **cell,
+                "seq_len": test.seq_len,
+                "val_acc": evaluate(model, val, mask, grid.eval_batch, device),
+                "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
+                "n_val": len(val),
+                "n_test": len(test),
+                "state_bytes": measured,
+                "state_bytes_formula": formula,
+                "params": model.num_parameters(),
+                "oracle_mask": mask is not None,
+                "steps": steps,
+                "batch_size": grid.batch_size,
+                "train_seconds": train_s,
+                "final_loss": summary["final_loss"],
+                "job": job.id,
+            }
+        )
+    result = {
+        "job": {**job.__dict__, "id": job.id},
+        "grid_fingerprint": grid.fingerprint(),
+        "rows": rows,
+        "train": {**summary, "wall_seconds": time.time() - t0},
+        "env": environment(device),
+    }
     write_json(out_dir / "jobs" / f"{job.id}.json", result)
     return result
 
@@ -248,9 +283,19 @@ def load_job(out_dir: Path, grid: RecallGrid, job: Job) -> dict | None:
 # ----------------------------------------------------------------------------- the bench
 
 
-def run(grid: RecallGrid, models: list[str], seeds: list[int], out_dir: str | Path, *,
-        device: str | None = None, workers: int = 1, threads: int | None = None,
-        progress: bool = True, plots: bool = True, first: list[str] | None = None) -> dict:
+def run(
+    grid: RecallGrid,
+    models: list[str],
+    seeds: list[int],
+    out_dir: str | Path,
+    *,
+    device: str | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    first: list[str] | None = None,
+) -> dict:
     """Run (or resume) every job, then write results.jsonl, summary.json, recall.md, plots.
 
     ``first``: models whose jobs start first (put the slowest first to balance workers); the
@@ -267,14 +312,26 @@ def run(grid: RecallGrid, models: list[str], seeds: list[int], out_dir: str | Pa
     for m in models:  # fail fast on an unknown preset
         build_model(m, _cell_data(grid, grid.cells[0], "val", 1).vocab_size, 0)
     jobs = plan(grid, models, seeds)
-    write_json(out_dir / "config.json", {"grid": grid.to_dict(), "models": models,
-                                         "seeds": seeds, "device": device, "workers": workers})
+    write_json(
+        out_dir / "config.json",
+        {
+            "grid": grid.to_dict(),
+            "models": models,
+            "seeds": seeds,
+            "device": device,
+            "workers": workers,
+        },
+    )
     done = {j.id: r for j in jobs if (r := load_job(out_dir, grid, j)) is not None}
     todo = [j for j in jobs if j.id not in done]
     if first:
         todo.sort(key=lambda j: first.index(j.model) if j.model in first else len(first))
-    steps_of = {j.id: Batches(grid, j, None).steps() if grid.train_examples is None
-                else _fixed_steps(grid, j) for j in todo}
+    steps_of = {
+        j.id: Batches(grid, j, None).steps()
+        if grid.train_examples is None
+        else _fixed_steps(grid, j)
+        for j in todo
+    }
     t0 = time.time()
     n_cells = sum(len(j.eval_cells) for j in jobs)
 
@@ -282,8 +339,13 @@ def run(grid: RecallGrid, models: list[str], seeds: list[int], out_dir: str | Pa
         cells = sum(len(j.eval_cells) for j in jobs if j.id in done)
         return f"recall: {cells}/{n_cells} cells, {len(done)}/{len(jobs)} runs done"
 
-    bar = tqdm(total=sum(steps_of.values()), unit="step", disable=not progress,
-               dynamic_ncols=True, desc=label())
+    bar = tqdm(
+        total=sum(steps_of.values()),
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc=label(),
+    )
     if workers > 1 and len(todo) > 1:
         from kvfree.bench.recall_workers import run_parallel
 
@@ -293,16 +355,24 @@ def run(grid: RecallGrid, models: list[str], seeds: list[int], out_dir: str | Pa
     else:
         for job in todo:
             bar.set_postfix_str(job.id)
-            done[job.id] = run_job(grid, job, out_dir, device=device, on_step=bar.update,
-                                   threads=threads)
+            done[job.id] = run_job(
+                grid, job, out_dir, device=device, on_step=bar.update, threads=threads
+            )
             bar.set_description(label())
     bar.close()
     rows = [r for j in jobs for r in done[j.id]["rows"]]
     env = environment(device)
-    meta = {"grid": grid.to_dict(), "models": models, "seeds": seeds,
-            "wall_seconds_this_run": time.time() - t0, "jobs_run": len(todo),
-            "jobs_reused": len(jobs) - len(todo), "env": env, "workers": workers,
-            "threads_per_worker": threads}
+    meta = {
+        "grid": grid.to_dict(),
+        "models": models,
+        "seeds": seeds,
+        "wall_seconds_this_run": time.time() - t0,
+        "jobs_run": len(todo),
+        "jobs_reused": len(jobs) - len(todo),
+        "env": env,
+        "workers": workers,
+        "threads_per_worker": threads,
+    }
     return write_outputs(out_dir, rows, meta, plots=plots)
 
 

@@ -52,7 +52,8 @@ class RecallGrid:
         if not self.cells:
             raise ValueError("a recall grid needs at least one cell")
         if self.train_examples is not None and len(self.train_examples) != len(
-                self.training_cells()):
+            self.training_cells()
+        ):
             raise ValueError("train_examples needs one size per train cell")
         self.axes = tuple(self.axes)
 
@@ -75,8 +76,9 @@ class RecallGrid:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (resume only reuses matching runs)."""
         keep = {k: v for k, v in self.to_dict().items() if k not in ("note", "eval_batch")}
-        return hashlib.blake2b(json.dumps(keep, sort_keys=True, default=str).encode(),
-                               digest_size=6).hexdigest()
+        return hashlib.blake2b(
+            json.dumps(keep, sort_keys=True, default=str).encode(), digest_size=6
+        ).hexdigest()
 
 
 def cell_key(cell: dict) -> str:
@@ -98,26 +100,48 @@ CPU_LRS = {"recall-attention": [1e-3], "recall-fdm": [1e-3]}
 
 def _cpu() -> RecallGrid:
     return RecallGrid(
-        name="cpu", task="mqar_gap",
+        name="cpu",
+        task="mqar_gap",
         cells=[{"num_kv_pairs": m, "gap": g} for m in (4, 8) for g in (64, 256)],
-        axes=("num_kv_pairs", "gap"), train="mixture",
+        axes=("num_kv_pairs", "gap"),
+        train="mixture",
         train_cells=[{"num_kv_pairs": m, "gap": g} for m, g in CPU_TRAIN],
-        steps=1200, batch_size=32, lrs=[3e-3], model_lrs=dict(CPU_LRS), warmup_steps=120,
-        weight_decay=0.1, min_lr_ratio=1.0, n_val=200, n_test=500,
+        steps=1200,
+        batch_size=32,
+        lrs=[3e-3],
+        model_lrs=dict(CPU_LRS),
+        warmup_steps=120,
+        weight_decay=0.1,
+        min_lr_ratio=1.0,
+        n_val=200,
+        n_test=500,
         note="CPU-sized: one run per model on a mixture of 8 (M, gap) cells (one cell per "
-             "step, round robin; fresh examples every step), evaluated on the 4 cells "
-             "M ∈ {4, 8} × gap ∈ {64, 256}")
+        "step, round robin; fresh examples every step), evaluated on the 4 cells "
+        "M ∈ {4, 8} × gap ∈ {64, 256}",
+    )
 
 
 def _echo() -> RecallGrid:
     return RecallGrid(
-        name="echo", task="mqar_gap",
-        cells=[{"num_kv_pairs": m, "gap": g} for m in (4, 8, 16, 32)
-               for g in (64, 128, 256, 512, 1024, 2048, 4096)],
-        axes=("num_kv_pairs", "gap"), train="per_cell", steps=10_000, batch_size=64,
-        lrs=[1e-3], warmup_steps=500, weight_decay=0.1, n_val=500, n_test=1000,
+        name="echo",
+        task="mqar_gap",
+        cells=[
+            {"num_kv_pairs": m, "gap": g}
+            for m in (4, 8, 16, 32)
+            for g in (64, 128, 256, 512, 1024, 2048, 4096)
+        ],
+        axes=("num_kv_pairs", "gap"),
+        train="per_cell",
+        steps=10_000,
+        batch_size=64,
+        lrs=[1e-3],
+        warmup_steps=500,
+        weight_decay=0.1,
+        n_val=500,
+        n_test=1000,
         note="tasks.md §2: each cell trained from scratch (AdamW, LR 1e-3, batch 64, 10k "
-             "steps, warmup 500, wd 0.1; bf16 on GPU), 1000 held-out examples per cell")
+        "steps, warmup 500, wd 0.1; bf16 on GPU), 1000 held-out examples per cell",
+    )
 
 
 def _zoology() -> RecallGrid:
@@ -125,16 +149,27 @@ def _zoology() -> RecallGrid:
 
     g = GRIDS["based"]
     return RecallGrid(
-        name="zoology-based", task="mqar",
+        name="zoology-based",
+        task="mqar",
         cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K, _ in g["test"]],
-        axes=("num_kv_pairs", "input_seq_len"), train="mixture",
+        axes=("num_kv_pairs", "input_seq_len"),
+        train="mixture",
         train_cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K, _ in g["train"]],
-        train_examples=[n for _, _, n in g["train"]], epochs=32, batch_size=256,
-        lrs=list(g["lrs"]), warmup_steps=0, weight_decay=0.1, min_lr_ratio=0.0, n_val=500,
-        n_test=1000, eval_batch=32, options=dict(g["options"]),
+        train_examples=[n for _, _, n in g["train"]],
+        epochs=32,
+        batch_size=256,
+        lrs=list(g["lrs"]),
+        warmup_steps=0,
+        weight_decay=0.1,
+        min_lr_ratio=0.0,
+        n_val=500,
+        n_test=1000,
+        eval_batch=32,
+        options=dict(g["options"]),
         note="tasks.md §1.4 (Based/'original' grid): fixed train set (5 segments, 180k "
-             "examples), 32 epochs, cosine without warmup, batch 256, LR sweep, best LR per "
-             "model by validation accuracy; test on 7 slices up to 1024")
+        "examples), 32 epochs, cosine without warmup, batch 256, LR sweep, best LR per "
+        "model by validation accuracy; test on 7 slices up to 1024",
+    )
 
 
 GRIDS = {"cpu": _cpu, "echo": _echo, "zoology-based": _zoology}

@@ -36,30 +36,57 @@ def summarise(rows: list[dict]) -> dict:
         for cell in dict.fromkeys(r["cell"] for r in sel):
             rs = [r for r in sel if r["cell"] == cell]
             acc = [r["test_acc"] for r in rs]
-            cells[cell] = {"test_acc": float(np.mean(acc)), "test_std": float(np.std(acc)),
-                           "val_acc": float(np.mean([r["val_acc"] for r in rs])),
-                           "seeds": sorted(r["seed"] for r in rs),
-                           "state_bytes": rs[0]["state_bytes"],
-                           "state_bytes_formula": rs[0]["state_bytes_formula"],
-                           "seq_len": rs[0]["seq_len"],
-                           **{k: rs[0][k] for k in rs[0] if k not in _ROW_KEYS}}
+            cells[cell] = {
+                "test_acc": float(np.mean(acc)),
+                "test_std": float(np.std(acc)),
+                "val_acc": float(np.mean([r["val_acc"] for r in rs])),
+                "seeds": sorted(r["seed"] for r in rs),
+                "state_bytes": rs[0]["state_bytes"],
+                "state_bytes_formula": rs[0]["state_bytes_formula"],
+                "seq_len": rs[0]["seq_len"],
+                **{k: rs[0][k] for k in rs[0] if k not in _ROW_KEYS},
+            }
         longest = max(cells.values(), key=lambda c: c["seq_len"])
         models[model] = {
-            "lr": lr, "lrs_tried": sorted({r["lr"] for r in rows if r["model"] == model}),
-            "cells": cells, "mean_test_acc": float(np.mean([c["test_acc"] for c in
-                                                            cells.values()])),
+            "lr": lr,
+            "lrs_tried": sorted({r["lr"] for r in rows if r["model"] == model}),
+            "cells": cells,
+            "mean_test_acc": float(np.mean([c["test_acc"] for c in cells.values()])),
             "mean_val_acc": float(np.mean([c["val_acc"] for c in cells.values()])),
             "state_bytes_at_longest": longest["state_bytes"],
-            "longest_seq_len": longest["seq_len"], "params": sel[0]["params"],
-            "oracle_mask": sel[0]["oracle_mask"], "seeds": sorted({r["seed"] for r in sel}),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in sel
-                                            if r["cell"] == sel[0]["cell"]]))}
+            "longest_seq_len": longest["seq_len"],
+            "params": sel[0]["params"],
+            "oracle_mask": sel[0]["oracle_mask"],
+            "seeds": sorted({r["seed"] for r in sel}),
+            "train_seconds": float(
+                np.mean([r["train_seconds"] for r in sel if r["cell"] == sel[0]["cell"]])
+            ),
+        }
     return models
 
 
-_ROW_KEYS = {"grid", "task", "model", "seed", "lr", "cell", "seq_len", "val_acc", "test_acc",
-             "n_val", "n_test", "state_bytes", "state_bytes_formula", "params",
-             "oracle_mask", "steps", "batch_size", "train_seconds", "final_loss", "job"}
+_ROW_KEYS = {
+    "grid",
+    "task",
+    "model",
+    "seed",
+    "lr",
+    "cell",
+    "seq_len",
+    "val_acc",
+    "test_acc",
+    "n_val",
+    "n_test",
+    "state_bytes",
+    "state_bytes_formula",
+    "params",
+    "oracle_mask",
+    "steps",
+    "batch_size",
+    "train_seconds",
+    "final_loss",
+    "job",
+}
 
 
 def _label(model: str, s: dict) -> str:
@@ -104,37 +131,60 @@ def markdown(summary: dict, meta: dict) -> str:
     lrs = sorted({x for s in models.values() for x in s["lrs_tried"]})
     env = meta.get("env", {})
     workers, threads = meta.get("workers", 1), meta.get("threads_per_worker")
-    compute = (f"{workers} worker process(es) × {threads} torch thread(s)" if threads
-               else f"{env.get('threads', '?')} torch threads")
+    compute = (
+        f"{workers} worker process(es) × {threads} torch thread(s)"
+        if threads
+        else f"{env.get('threads', '?')} torch threads"
+    )
     wall = meta.get("wall_seconds_this_run")
-    timing = (f" Wall time {wall:.0f} s for the {meta.get('jobs_run')} runs trained in that "
-              "invocation." if wall and meta.get("jobs_run") else "")
-    length = (f"{grid['steps']} steps" if grid.get("train_examples") is None
-              else f"{grid['epochs']} epochs of a fixed set")
-    head = (f"Task `{grid['task']}`, grid `{grid['name']}` ({grid['train']} training, "
-            f"{length}, batch {grid['batch_size']}); test accuracy per cell "
-            f"({grid['n_test']} held-out "
-            f"examples per cell, test seeds ≥ 2³¹), mean over seeds {seeds}. Learning rates "
-            f"tried: {lrs} (column LR: the model's LR; with several, the best by validation "
-            "accuracy, never by test). "
-            f"Measured on {env.get('device', '?')} ({env.get('device_name', '')}, "
-            f"{env.get('cpu_count', '?')} cores), torch {env.get('torch', '?')}, {compute}."
-            f"{timing}\n\n")
-    note = ("\nState bytes of the decode state after prefilling each cell's sequence "
-            "(measured `kvfree.state_bytes`, fp32, all layers; attention's KV cache grows "
-            "with the length):\n\n")
+    timing = (
+        f" Wall time {wall:.0f} s for the {meta.get('jobs_run')} runs trained in that invocation."
+        if wall and meta.get("jobs_run")
+        else ""
+    )
+    length = (
+        f"{grid['steps']} steps"
+        if grid.get("train_examples") is None
+        else f"{grid['epochs']} epochs of a fixed set"
+    )
+    head = (
+        f"Task `{grid['task']}`, grid `{grid['name']}` ({grid['train']} training, "
+        f"{length}, batch {grid['batch_size']}); test accuracy per cell "
+        f"({grid['n_test']} held-out "
+        f"examples per cell, test seeds ≥ 2³¹), mean over seeds {seeds}. Learning rates "
+        f"tried: {lrs} (column LR: the model's LR; with several, the best by validation "
+        "accuracy, never by test). "
+        f"Measured on {env.get('device', '?')} ({env.get('device_name', '')}, "
+        f"{env.get('cpu_count', '?')} cores), torch {env.get('torch', '?')}, {compute}."
+        f"{timing}\n\n"
+    )
+    note = (
+        "\nState bytes of the decode state after prefilling each cell's sequence "
+        "(measured `kvfree.state_bytes`, fp32, all layers; attention's KV cache grows "
+        "with the length):\n\n"
+    )
     foot = ""
     if grid["task"] == "mqar_gap":
         ms = sorted({first[c]["num_kv_pairs"] for c in cells if "num_kv_pairs" in first[c]})
-        shortcut = ", ".join(f"{sum(1 / i for i in range(1, m + 1)) / m:.2f} (M = {m})"
-                             for m in ms)
-        foot = ("\nReference points: chance is 1/64 = 0.016; a model that matches no key but "
-                "answers with a context value not yet queried (every key is queried once) "
-                f"scores H_M/M = {shortcut}.\n")
-    return (head + markdown_table(acc_rows) + foot + note + markdown_table(byte_rows)
-            + ("\nSKA rows marked *oracle prefix mask* receive the query boundary from the task "
-               "(ska.md §16); the unmarked SKA row is the headline, causal, without a mask.\n"
-               if any(s["oracle_mask"] for s in models.values()) else ""))
+        shortcut = ", ".join(f"{sum(1 / i for i in range(1, m + 1)) / m:.2f} (M = {m})" for m in ms)
+        foot = (
+            "\nReference points: chance is 1/64 = 0.016; a model that matches no key but "
+            "answers with a context value not yet queried (every key is queried once) "
+            f"scores H_M/M = {shortcut}.\n"
+        )
+    return (
+        head
+        + markdown_table(acc_rows)
+        + foot
+        + note
+        + markdown_table(byte_rows)
+        + (
+            "\nSKA rows marked *oracle prefix mask* receive the query boundary from the task "
+            "(ska.md §16); the unmarked SKA row is the headline, causal, without a mask.\n"
+            if any(s["oracle_mask"] for s in models.values())
+            else ""
+        )
+    )
 
 
 def write_outputs(out_dir: str | Path, rows: list[dict], meta: dict, plots: bool = True) -> dict:
@@ -156,21 +206,39 @@ def make_plots(out_dir: Path, summary: dict, meta: dict) -> list[Path]:
     rk, ck = meta["grid"]["axes"]
     files = []
     for model, s in summary.items():
-        vals = {(c[rk], c[ck]): c["test_acc"] for c in s["cells"].values()
-                if rk in c and ck in c}
+        vals = {(c[rk], c[ck]): c["test_acc"] for c in s["cells"].values() if rk in c and ck in c}
         if not vals:
             continue
         rows_ = sorted({k[0] for k in vals})
         cols_ = sorted({k[1] for k in vals})
         safe = model.replace("/", "_").replace("[", "_").replace("]", "").replace("=", "")
-        files.append(heatmap(vals, rows_, cols_, out_dir / f"heatmap_{safe}.png",
-                             title=f"{_label(model, s)}: test accuracy ({meta['grid']['task']})",
-                             row_label=rk, col_label=ck))
-    points = [{"model": _label(m.split("[")[0], s), "state_bytes": s["state_bytes_at_longest"],
-               "accuracy": s["mean_test_acc"]} for m, s in summary.items()]
-    files.append(accuracy_vs_state(points, out_dir / "acc_vs_state.png",
-                                   title=f"{meta['grid']['task']} ({meta['grid']['name']}): mean "
-                                         "test accuracy vs state bytes"))
+        files.append(
+            heatmap(
+                vals,
+                rows_,
+                cols_,
+                out_dir / f"heatmap_{safe}.png",
+                title=f"{_label(model, s)}: test accuracy ({meta['grid']['task']})",
+                row_label=rk,
+                col_label=ck,
+            )
+        )
+    points = [
+        {
+            "model": _label(m.split("[")[0], s),
+            "state_bytes": s["state_bytes_at_longest"],
+            "accuracy": s["mean_test_acc"],
+        }
+        for m, s in summary.items()
+    ]
+    files.append(
+        accuracy_vs_state(
+            points,
+            out_dir / "acc_vs_state.png",
+            title=f"{meta['grid']['task']} ({meta['grid']['name']}): mean "
+            "test accuracy vs state bytes",
+        )
+    )
     return files
 
 
@@ -179,8 +247,9 @@ def report(run_dir: str | Path, plots: bool = True) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / "results.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `kvfree bench recall --out {run_dir}` "
-                                "first")
+        raise FileNotFoundError(
+            f"{path} not found: run `kvfree bench recall --out {run_dir}` first"
+        )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     meta = json.loads((run_dir / "summary.json").read_text())["meta"]
     return write_outputs(run_dir, rows, meta, plots=plots)

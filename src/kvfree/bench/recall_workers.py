@@ -38,8 +38,10 @@ def run_parallel(grid, jobs, out_dir, device, workers: int, threads: int, bar):
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         q = manager.Queue()
-        futures = {pool.submit(_worker, grid.to_dict(), j.__dict__, str(out_dir), device,
-                               threads, q): j for j in jobs}
+        futures = {
+            pool.submit(_worker, grid.to_dict(), j.__dict__, str(out_dir), device, threads, q): j
+            for j in jobs
+        }
         remaining = set(futures)
         while remaining:
             done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)

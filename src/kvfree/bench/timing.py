@@ -14,8 +14,14 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
-                device=None, budget_s: float | None = None) -> float:
+def median_time(
+    fn: Callable[[], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device=None,
+    budget_s: float | None = None,
+) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; stops early
     (with at least one timed run) once ``budget_s`` seconds of timed runs have passed."""
     for _ in range(warmup):

@@ -11,8 +11,7 @@ def _floats(text: str, name: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") \
-            from None
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
 @bench_app.command("capacity")
@@ -23,10 +22,14 @@ def bench_capacity(
     rhos: str = typer.Option("0,0.5,0.8", help="Key correlations ρ."),
     trials: int = typer.Option(20, help="Random streams per point."),
     seed: int = typer.Option(0, help="Seed of keys, values and the vocabulary table."),
-    methods: str = typer.Option(",".join(("linear", "delta1", "delta4", "ridge", "ska2",
-                                          "softmax", "softmax_hard")), help="Write rules."),
-    structured: bool = typer.Option(True, help="Also run the structured stream (each pair "
-                                    "written twice, 2 distractors) at d = 64."),
+    methods: str = typer.Option(
+        ",".join(("linear", "delta1", "delta4", "ridge", "ska2", "softmax", "softmax_hard")),
+        help="Write rules.",
+    ),
+    structured: bool = typer.Option(
+        True,
+        help="Also run the structured stream (each pair written twice, 2 distractors) at d = 64.",
+    ),
     blas_threads: int = typer.Option(1, help="numpy BLAS threads (1 is fastest on busy CPUs)."),
 ) -> None:
     """Store N random key/value pairs in a d-dimensional state (linear attention, delta rule,
@@ -43,9 +46,19 @@ def bench_capacity(
     rho_list = _floats(rhos, "rhos")
     if any(not 0 <= r < 1 for r in rho_list):
         raise typer.BadParameter("every ρ must be in [0, 1)")
-    res = run(out, tuple(int(d) for d in _floats(dims, "dims")), tuple(_floats(ratios, "ratios")),
-              tuple(rho_list), trials, seed, tuple(chosen),
-              ("iid", "structured") if structured else ("iid",), blas_threads=blas_threads)
+    res = run(
+        out,
+        tuple(int(d) for d in _floats(dims, "dims")),
+        tuple(_floats(ratios, "ratios")),
+        tuple(rho_list),
+        trials,
+        seed,
+        tuple(chosen),
+        ("iid", "structured") if structured else ("iid",),
+        blas_threads=blas_threads,
+    )
     print(res["markdown"])
-    print(f"wrote {out}/capacity.json, {out}/capacity.md and {out}/capacity.png "
-          f"({res['seconds']:.1f} s)")
+    print(
+        f"wrote {out}/capacity.json, {out}/capacity.md and {out}/capacity.png "
+        f"({res['seconds']:.1f} s)"
+    )

@@ -14,9 +14,11 @@ def _list(text: str) -> list[str]:
 @bench_app.command("fdm-mqar")
 def bench_fdm_mqar(
     out: str = typer.Option("runs/fdm-mqar", help="Output folder (JSON + markdown)."),
-    models: str = typer.Option("fdm-k0,fdm-k16,transformer,transformer-rope",
-                               help="Comma-separated: fdm-k0, fdm-k4, fdm-k8, fdm-k16, "
-                               "transformer (no positions), transformer-rope."),
+    models: str = typer.Option(
+        "fdm-k0,fdm-k16,transformer,transformer-rope",
+        help="Comma-separated: fdm-k0, fdm-k4, fdm-k8, fdm-k16, "
+        "transformer (no positions), transformer-rope.",
+    ),
     settings: str = typer.Option("easy,medium", help="Comma-separated: easy, medium, hard."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated model seeds (init + batch order)."),
     epochs: int = typer.Option(100, help="Epochs per run (the paper: 100)."),
@@ -26,8 +28,9 @@ def bench_fdm_mqar(
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
     resume: bool = typer.Option(True, help="Reuse finished runs found in OUT/runs."),
-    readme: str = typer.Option(None, help="Also write the table into this README (section "
-                               "'fdm-mqar')."),
+    readme: str = typer.Option(
+        None, help="Also write the table into this README (section 'fdm-mqar')."
+    ),
 ) -> None:
     """Train FDM (K=0, K=16, ...) and Transformers (without / with positions) on FDM's MQAR;
     report final, best-validation and max-over-epochs test accuracy over seeds."""
@@ -39,19 +42,18 @@ def bench_fdm_mqar(
     bad = [m for m in _list(models) if m not in MODELS]
     bad += [s for s in _list(settings) if s not in SETTINGS]
     if bad:
-        raise typer.BadParameter(f"unknown model/setting {bad}; models: {list(MODELS)}, "
-                                 f"settings: {list(SETTINGS)}")
+        raise typer.BadParameter(
+            f"unknown model/setting {bad}; models: {list(MODELS)}, settings: {list(SETTINGS)}"
+        )
     try:
         seed_list = [int(s) for s in _list(seeds)]
     except ValueError:
-        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") \
-            from None
+        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     if threads:
         torch.set_num_threads(threads)
     p = Protocol(epochs=epochs, lr=lr, batch_size=batch_size, num_examples=num_examples)
     res = run(out, _list(models), _list(settings), seed_list, p, device, resume=resume)
-    print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md "
-          f"({res['wall_seconds']:.0f} s)")
+    print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md ({res['wall_seconds']:.0f} s)")
     if readme:
         from kvfree.report.tables import update_readme_section
 

@@ -16,14 +16,22 @@ def bench_kernels(
     batch: int = typer.Option(1, help="Batch size."),
     repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
-    readme: str = typer.Option(None, help="Also write the table into this README (section "
-                               "'kernels')."),
+    readme: str = typer.Option(
+        None, help="Also write the table into this README (section 'kernels')."
+    ),
 ) -> None:
     """Time each mixer's parallel (chunked) form against its per-token loop."""
     from kvfree.bench.kernels import run
 
-    res = run(out, mixer or None, tuple(int(t) for t in lengths.split(",")), d_model, batch,
-              repeats, device)
+    res = run(
+        out,
+        mixer or None,
+        tuple(int(t) for t in lengths.split(",")),
+        d_model,
+        batch,
+        repeats,
+        device,
+    )
     print(res["markdown"])
     print(f"wrote {out}/kernels.json and {out}/kernels.md")
     if readme:

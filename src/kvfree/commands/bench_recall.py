@@ -15,20 +15,24 @@ def _numbers(text: str | None, kind, name: str) -> list:
     try:
         return [kind(t) for t in _split(text)]
     except ValueError:
-        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") \
-            from None
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
 @bench_app.command("recall")
 def bench_recall(
     grid: str = typer.Option("cpu", help="Task grid: cpu | echo | zoology-based."),
-    models: str = typer.Option("recall-attention,recall-mamba2,recall-gdn,recall-mamba2-ska,"
-                               "recall-mamba2-ska-prefix,recall-fdm",
-                               help="Comma-separated model presets; preset[key=value] overrides "
-                               "a config field, e.g. recall-gdn[d_model=128]."),
+    models: str = typer.Option(
+        "recall-attention,recall-mamba2,recall-gdn,recall-mamba2-ska,"
+        "recall-mamba2-ska-prefix,recall-fdm",
+        help="Comma-separated model presets; preset[key=value] overrides "
+        "a config field, e.g. recall-gdn[d_model=128].",
+    ),
     seeds: str = typer.Option("0", help="Comma-separated model seeds (init and data order)."),
-    lrs: str = typer.Option(None, help="Comma-separated learning rates (default: the grid's); "
-                            "several = a sweep, best LR per model by validation accuracy."),
+    lrs: str = typer.Option(
+        None,
+        help="Comma-separated learning rates (default: the grid's); "
+        "several = a sweep, best LR per model by validation accuracy.",
+    ),
     steps: int = typer.Option(None, help="Training steps per run (default: the grid's)."),
     batch_size: int = typer.Option(None, help="Batch size (default: the grid's)."),
     n_test: int = typer.Option(None, help="Test examples per cell (default: the grid's)."),
@@ -36,8 +40,9 @@ def bench_recall(
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
     workers: int = typer.Option(1, help="Parallel worker processes (CPU: one per core)."),
     threads: int = typer.Option(None, help="Torch threads per worker."),
-    readme: str = typer.Option(None, help="Also write the table into this README (section "
-                               "recall-<grid>)."),
+    readme: str = typer.Option(
+        None, help="Also write the table into this README (section recall-<grid>)."
+    ),
 ) -> None:
     """Train every model on a recall grid (mixture or per cell), evaluate every cell on held-out
     test examples, several seeds and an optional LR sweep; resumable. Writes results.jsonl,
@@ -57,8 +62,15 @@ def bench_recall(
                 raise typer.BadParameter(f"{key} must be ≥ 1")
             over[key] = val
     g = get_grid(grid, **over)
-    res = run(g, _split(models), _numbers(seeds, int, "seeds"), out, device=device,
-              workers=workers, threads=threads)
+    res = run(
+        g,
+        _split(models),
+        _numbers(seeds, int, "seeds"),
+        out,
+        device=device,
+        workers=workers,
+        threads=threads,
+    )
     print(res["markdown"])
     if readme:
         from kvfree.report.tables import update_readme_section
@@ -101,13 +113,16 @@ def report_capacity(
 
     path = Path(run_dir) / "capacity.json"
     if not path.exists():
-        raise typer.BadParameter(f"{path} not found: run `kvfree bench capacity --out "
-                                 f"{run_dir}` first")
+        raise typer.BadParameter(
+            f"{path} not found: run `kvfree bench capacity --out {run_dir}` first"
+        )
     result = json.loads(path.read_text())
     md = capacity_markdown(result)
     atomic_write(Path(run_dir) / "capacity.md", md)
-    capacity_plot([r for r in result["rows"] if r.get("layout", "iid") == "iid"],
-                  Path(run_dir) / "capacity.png")
+    capacity_plot(
+        [r for r in result["rows"] if r.get("layout", "iid") == "iid"],
+        Path(run_dir) / "capacity.png",
+    )
     print(md)
     if readme:
         from kvfree.report.tables import update_readme_section

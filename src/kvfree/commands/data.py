@@ -11,16 +11,25 @@ def corpus_rows(manifest: dict) -> list[dict]:
     """One table row per source (and a total): package, licences, archive size, split sizes."""
     rows = []
     for name, s in manifest.get("sources", {}).items():
-        rows.append({
-            "source": name, "package": f"{s['registry']}:{s['package']}=={s['version']}",
-            "package licence": s["package_license"], "text licence": s["text_license"],
-            "archive MB": s["archive_bytes"] / 1e6,
-            **{f"{sp} docs": s[sp]["docs"] for sp in ("train", "val", "test")},
-            **{f"{sp} MB": s[sp]["bytes"] / 1e6 for sp in ("train", "val", "test")},
-        })
+        rows.append(
+            {
+                "source": name,
+                "package": f"{s['registry']}:{s['package']}=={s['version']}",
+                "package licence": s["package_license"],
+                "text licence": s["text_license"],
+                "archive MB": s["archive_bytes"] / 1e6,
+                **{f"{sp} docs": s[sp]["docs"] for sp in ("train", "val", "test")},
+                **{f"{sp} MB": s[sp]["bytes"] / 1e6 for sp in ("train", "val", "test")},
+            }
+        )
     if rows:
-        tot = {"source": "**total**", "package": "", "package licence": "", "text licence": "",
-               "archive MB": sum(r["archive MB"] for r in rows)}
+        tot = {
+            "source": "**total**",
+            "package": "",
+            "package licence": "",
+            "text licence": "",
+            "archive MB": sum(r["archive MB"] for r in rows),
+        }
         for key in rows[0]:
             if key.endswith(("docs", "MB")) and key != "archive MB":
                 tot[key] = sum(r[key] for r in rows)
@@ -31,8 +40,9 @@ def corpus_rows(manifest: dict) -> list[dict]:
 @data_app.command("build")
 def build(
     name: str = typer.Option("en", help="Corpus name (folder under $KVFREE_CACHE/corpus)."),
-    sources: str = typer.Option(None, help="Comma-separated sources (default: all): "
-                                "brown, wiki, shakespeare, kjv."),
+    sources: str = typer.Option(
+        None, help="Comma-separated sources (default: all): brown, wiki, shakespeare, kjv."
+    ),
     seed: int = typer.Option(0, help="Seed of the document-level split."),
     val_frac: float = typer.Option(0.025, help="Fraction of each source's documents for val."),
     test_frac: float = typer.Option(0.025, help="Fraction for test."),
@@ -44,8 +54,14 @@ def build(
     from kvfree.data.corpus import build_corpus
     from kvfree.report.tables import markdown_table
 
-    root = build_corpus(name, sources.split(",") if sources else None, seed=seed,
-                        val_frac=val_frac, test_frac=test_frac, force=force)
+    root = build_corpus(
+        name,
+        sources.split(",") if sources else None,
+        seed=seed,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        force=force,
+    )
     print(markdown_table(corpus_rows(json.loads((root / "manifest.json").read_text()))))
     print(f"corpus in {root}")
 
@@ -72,8 +88,7 @@ def info(
 
         tok = tokenizer_for(tokenizer, c)
     for split, docs in c.splits.items():
-        row = {"split": split, "docs": len(docs),
-               "UTF-8 bytes": sum(len(d.encode()) for d in docs)}
+        row = {"split": split, "docs": len(docs), "UTF-8 bytes": sum(len(d.encode()) for d in docs)}
         if tok is not None:
             n = len(encoded_split(c, split, tok))
             row.update({f"{tok.name} tokens": n, "bytes/token": row["UTF-8 bytes"] / max(1, n)})

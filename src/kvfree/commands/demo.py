@@ -15,22 +15,37 @@ import typer
 
 from kvfree.cli import app
 
-MAIN_MODELS = ["recall-attention", "recall-mamba2", "recall-gdn", "recall-mamba2-ska",
-               "recall-mamba2-ska-prefix", "recall-fdm"]
+MAIN_MODELS = [
+    "recall-attention",
+    "recall-mamba2",
+    "recall-gdn",
+    "recall-mamba2-ska",
+    "recall-mamba2-ska-prefix",
+    "recall-fdm",
+]
 #: The slowest models start first so that two workers finish together.
-SLOWEST_FIRST = ["recall-gdn", "recall-fdm", "recall-mamba2", "recall-mamba2-ska",
-                 "recall-mamba2-ska-prefix", "recall-attention"]
+SLOWEST_FIRST = [
+    "recall-gdn",
+    "recall-fdm",
+    "recall-mamba2",
+    "recall-mamba2-ska",
+    "recall-mamba2-ska-prefix",
+    "recall-attention",
+]
 
 
 @app.command()
 def demo(
-    preset: str = typer.Option("cpu", help="cpu (the main job, ~10 min on 2 cores) | paper "
-                               "(Echo + zoology grids; GPU)."),
+    preset: str = typer.Option(
+        "cpu", help="cpu (the main job, ~10 min on 2 cores) | paper (Echo + zoology grids; GPU)."
+    ),
     out: str = typer.Option("runs/demo", help="Output folder (a rerun resumes)."),
-    seeds: str = typer.Option(None, help="Comma-separated seeds (default: 0 for cpu, 0,1,2 "
-                              "for paper)."),
-    workers: int = typer.Option(None, help="Parallel training processes (default: 2 on CPU, "
-                                "1 on GPU)."),
+    seeds: str = typer.Option(
+        None, help="Comma-separated seeds (default: 0 for cpu, 0,1,2 for paper)."
+    ),
+    workers: int = typer.Option(
+        None, help="Parallel training processes (default: 2 on CPU, 1 on GPU)."
+    ),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
 ) -> None:
     """The main job: recall accuracy and state bytes of KV-cache attention against fixed-memory
@@ -50,8 +65,7 @@ def demo(
     try:
         seed_list = [int(s) for s in (seeds or ("0" if preset == "cpu" else "0,1,2")).split(",")]
     except ValueError:
-        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") \
-            from None
+        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     dev = torch.device(device) if device else default_device()
     if workers is None:
         workers = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)
@@ -59,15 +73,28 @@ def demo(
     grids = [grid("cpu")] if preset == "cpu" else [grid("echo"), grid("zoology-based")]
     for g in grids:
         folder = Path(out) if len(grids) == 1 else Path(out) / g.name
-        print(f"main job: {len(MAIN_MODELS)} models × seeds {seed_list} on {g.task} "
-              f"({g.name} grid, {len(g.cells)} cells) on {dev}, {workers} worker(s); "
-              f"results in {folder}/", flush=True)
-        res = run(g, MAIN_MODELS, seed_list, folder, device=str(dev), workers=workers,
-                  threads=1 if dev.type == "cpu" else None, first=SLOWEST_FIRST)
+        print(
+            f"main job: {len(MAIN_MODELS)} models × seeds {seed_list} on {g.task} "
+            f"({g.name} grid, {len(g.cells)} cells) on {dev}, {workers} worker(s); "
+            f"results in {folder}/",
+            flush=True,
+        )
+        res = run(
+            g,
+            MAIN_MODELS,
+            seed_list,
+            folder,
+            device=str(dev),
+            workers=workers,
+            threads=1 if dev.type == "cpu" else None,
+            first=SLOWEST_FIRST,
+        )
         print()
         print(res["markdown"])
         plots = [f for f in res["files"] if f.endswith(".png")]
         print(f"plots: {', '.join(plots)}")
         print(f"table: {folder}/recall.md (regenerate: kvfree report recall {folder})")
-    print(f"main job finished in {time.time() - t0:.0f} s wall "
-          f"({res['meta']['jobs_run']} runs trained now, {res['meta']['jobs_reused']} reused).")
+    print(
+        f"main job finished in {time.time() - t0:.0f} s wall "
+        f"({res['meta']['jobs_run']} runs trained now, {res['meta']['jobs_reused']} reused)."
+    )

@@ -39,19 +39,31 @@ def eval_cmd(
     c = load_corpus(corpus or data.get("corpus", "en"), seed=data.get("seed", 0))
     T = seq_len or data.get("seq_len", 256)
     inputs, labels = eval_windows(encoded_split(c, split, tok), T, windows or None)
-    res = evaluate_lm(model, inputs, labels, tok.token_bytes, decode_windows=decode_windows,
-                      prefill=prefill)
-    res.update({"checkpoint": str(ckpt_path), "step": ckpt["trainer"]["step"], "split": split,
-                "corpus": c.name, "tokenizer": tok.name})
+    res = evaluate_lm(
+        model, inputs, labels, tok.token_bytes, decode_windows=decode_windows, prefill=prefill
+    )
+    res.update(
+        {
+            "checkpoint": str(ckpt_path),
+            "step": ckpt["trainer"]["step"],
+            "split": split,
+            "corpus": c.name,
+            "tokenizer": tok.name,
+        }
+    )
     rows = [{"pass": f"parallel ({res['windows']} windows)", **res["parallel"]}]
     if "decode" in res:
         d = res["decode"]
-        rows += [{"pass": f"parallel ({d['windows']} windows)", **d["parallel"]},
-                 {"pass": f"decode ({d['windows']} windows, prefill {prefill})", **d["decode"]}]
+        rows += [
+            {"pass": f"parallel ({d['windows']} windows)", **d["parallel"]},
+            {"pass": f"decode ({d['windows']} windows, prefill {prefill})", **d["decode"]},
+        ]
     print(markdown_table(rows, ["pass", "tokens", "bytes", "loss", "ppl", "bpb"]))
     if "decode" in res:
-        print(f"decode − parallel: bpb {res['decode']['bpb_diff']:+.3e}, max per-token NLL "
-              f"difference {res['decode']['max_token_nll_diff']:.3e}")
+        print(
+            f"decode − parallel: bpb {res['decode']['bpb_diff']:+.3e}, max per-token NLL "
+            f"difference {res['decode']['max_token_nll_diff']:.3e}"
+        )
     if path.is_dir():
         write_json(path / f"eval-{split}.json", res)
         print(f"wrote {path / f'eval-{split}.json'}")

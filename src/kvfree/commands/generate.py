@@ -27,8 +27,7 @@ def generate(
     from kvfree.train.lm import load_model
 
     path = Path(run)
-    model, tok, _ = load_model(path / "checkpoints" / f"{checkpoint}.pt" if path.is_dir()
-                               else path)
+    model, tok, _ = load_model(path / "checkpoints" / f"{checkpoint}.pt" if path.is_dir() else path)
     ids = torch.tensor([tok.encode(prompt)])
     if ids.shape[1] == 0:
         raise typer.BadParameter("the prompt is empty; give at least one character")
@@ -38,6 +37,8 @@ def generate(
     g = torch.Generator().manual_seed(seed)
     out = model.generate(ids, tokens, temperature=temperature, top_k=top_k or None, generator=g)
     print(tok.decode(out[0].tolist()))
-    print(f"\n[decode state: {after_prompt:,} bytes after the {ids.shape[1]}-token prompt, "
-          f"{model.last_state_bytes:,} bytes after {ids.shape[1] + tokens - 1} tokens; "
-          f"weights {sum(p.numel() * p.element_size() for p in model.parameters()):,} bytes]")
+    print(
+        f"\n[decode state: {after_prompt:,} bytes after the {ids.shape[1]}-token prompt, "
+        f"{model.last_state_bytes:,} bytes after {ids.shape[1] + tokens - 1} tokens; "
+        f"weights {sum(p.numel() * p.element_size() for p in model.parameters()):,} bytes]"
+    )

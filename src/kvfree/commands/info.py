@@ -22,13 +22,17 @@ def info(
         cfg = get_preset(preset)
         model = LanguageModel(cfg)
         total = model.num_parameters()
-        print(f"preset {preset}: d_model={cfg.d_model}, layers={cfg.layers}, mlp={cfg.mlp}, "
-              f"vocab={cfg.vocab_size}")
+        print(
+            f"preset {preset}: d_model={cfg.d_model}, layers={cfg.layers}, mlp={cfg.mlp}, "
+            f"vocab={cfg.vocab_size}"
+        )
         print(f"  parameters: {total:,}")
         paper = paper_params(preset)
         if paper:
-            print(f"  paper: {paper:,}  (ours/paper = {total / paper:.4f}, "
-                  f"diff {100 * (total - paper) / paper:+.2f}%)")
+            print(
+                f"  paper: {paper:,}  (ours/paper = {total / paper:.4f}, "
+                f"diff {100 * (total - paper) / paper:+.2f}%)"
+            )
         for name, count in parameter_breakdown(model).items():
             print(f"    {name:<24} {count:>14,}")
         return
@@ -42,8 +46,10 @@ def info(
             continue
         m = build_mixer(name, d_model)
         kind = "fixed" if m.fixed_memory else "grows with T"
-        print(f"  {name:<18} {kind:<13} {m.state_formula()}  "
-              f"[= {m.state_size(1024):,} elements at T=1024]")
+        print(
+            f"  {name:<18} {kind:<13} {m.state_formula()}  "
+            f"[= {m.state_size(1024):,} elements at T=1024]"
+        )
     print("presets: " + ", ".join(preset_names()))
     env = environment()
     print(f"torch {env['torch']}, device {env['device']}, threads {env['threads']}")

@@ -6,8 +6,21 @@ import typer
 
 from kvfree.cli import report_app
 
-COLUMNS = ["model", "layers", "params", "tokenizer", "steps", "tokens", "wall min", "threads",
-           "val tokens", "val bpb", "val ppl", "decode Δbpb", "max Δnll"]
+COLUMNS = [
+    "model",
+    "layers",
+    "params",
+    "tokenizer",
+    "steps",
+    "tokens",
+    "wall min",
+    "threads",
+    "val tokens",
+    "val bpb",
+    "val ppl",
+    "decode Δbpb",
+    "max Δnll",
+]
 
 
 def lm_rows(run_dirs) -> list[dict]:
@@ -25,15 +38,23 @@ def lm_rows(run_dirs) -> list[dict]:
         p, dec = s["val"]["parallel"], s["val"].get("decode", {})
         layers = s.get("layers", [])
         short = "+".join(sorted(set(layers), key=layers.index)) + f" ×{len(layers)}"
-        rows.append({
-            "model": s.get("preset") or s.get("name"), "layers": short,
-            "params": s["parameters"], "tokenizer": s["tokenizer"], "steps": s["steps"],
-            "tokens": s["tokens_seen"], "wall min": round(s["train_wall_seconds"] / 60, 1),
-            "threads": s.get("threads"), "val tokens": p["tokens"], "val bpb": p["bpb"],
-            "val ppl": p["ppl"],
-            "decode Δbpb": f"{dec['bpb_diff']:+.1e}" if dec else None,
-            "max Δnll": f"{dec['max_token_nll_diff']:.1e}" if dec else None,
-        })
+        rows.append(
+            {
+                "model": s.get("preset") or s.get("name"),
+                "layers": short,
+                "params": s["parameters"],
+                "tokenizer": s["tokenizer"],
+                "steps": s["steps"],
+                "tokens": s["tokens_seen"],
+                "wall min": round(s["train_wall_seconds"] / 60, 1),
+                "threads": s.get("threads"),
+                "val tokens": p["tokens"],
+                "val bpb": p["bpb"],
+                "val ppl": p["ppl"],
+                "decode Δbpb": f"{dec['bpb_diff']:+.1e}" if dec else None,
+                "max Δnll": f"{dec['max_token_nll_diff']:.1e}" if dec else None,
+            }
+        )
     return rows
 
 

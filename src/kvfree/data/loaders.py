@@ -24,12 +24,24 @@ from kvfree.data.clean import normalize
 from kvfree.data.corpus import DEFAULT_NAME, Corpus, Doc, corpus_dir, load_built, split_documents
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw", ".tokens")
-_SPLIT_NAMES = {"train": "train", "valid": "val", "validation": "val", "val": "val",
-                "dev": "val", "test": "test"}
+_SPLIT_NAMES = {
+    "train": "train",
+    "valid": "val",
+    "validation": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+}
 
 
-def load_corpus(spec: str | Path = DEFAULT_NAME, *, seed: int = 0, val_frac: float = 0.05,
-                test_frac: float = 0.05, doc_chars: int = 4000) -> Corpus:
+def load_corpus(
+    spec: str | Path = DEFAULT_NAME,
+    *,
+    seed: int = 0,
+    val_frac: float = 0.05,
+    test_frac: float = 0.05,
+    doc_chars: int = 4000,
+) -> Corpus:
     spec_s = str(spec)
     if spec_s.startswith("hf:"):
         return load_hf(spec_s[3:])
@@ -39,26 +51,39 @@ def load_corpus(spec: str | Path = DEFAULT_NAME, *, seed: int = 0, val_frac: flo
             return load_built(path)
         presplit = _presplit_files(path)
         if presplit:
-            splits = {s: [normalize(p.read_text(encoding="utf-8", errors="replace"))]
-                      for s, p in presplit.items()}
-            return Corpus(path.name, splits, {"kind": "presplit folder", "path": str(path)},
-                          path)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and
-                       p.suffix.lower() in TEXT_SUFFIXES)
+            splits = {
+                s: [normalize(p.read_text(encoding="utf-8", errors="replace"))]
+                for s, p in presplit.items()
+            }
+            return Corpus(path.name, splits, {"kind": "presplit folder", "path": str(path)}, path)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        )
         if not files:
             raise FileNotFoundError(f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        docs = [Doc(str(p.relative_to(path)), "folder",
-                    normalize(p.read_text(encoding="utf-8", errors="replace"))) for p in files]
+        docs = [
+            Doc(
+                str(p.relative_to(path)),
+                "folder",
+                normalize(p.read_text(encoding="utf-8", errors="replace")),
+            )
+            for p in files
+        ]
         return _split_corpus(path.name, docs, seed, val_frac, test_frac, "folder", path)
     if path.is_file():
-        docs = [Doc(f"{path.name}#{i}", "file", d) for i, d in
-                enumerate(paragraph_docs(path.read_text(encoding="utf-8", errors="replace"),
-                                         doc_chars))]
+        docs = [
+            Doc(f"{path.name}#{i}", "file", d)
+            for i, d in enumerate(
+                paragraph_docs(path.read_text(encoding="utf-8", errors="replace"), doc_chars)
+            )
+        ]
         return _split_corpus(path.stem, docs, seed, val_frac, test_frac, "file", path)
     if "/" not in spec_s and "\\" not in spec_s:
         return load_built(corpus_dir(spec_s))
-    raise FileNotFoundError(f"{spec_s}: no such file or folder; pass a text file, a folder, a "
-                            "built corpus name (kvfree data build) or hf:NAME[:CONFIG]")
+    raise FileNotFoundError(
+        f"{spec_s}: no such file or folder; pass a text file, a folder, a "
+        "built corpus name (kvfree data build) or hf:NAME[:CONFIG]"
+    )
 
 
 def paragraph_docs(text: str, doc_chars: int = 4000) -> list[str]:
@@ -81,9 +106,11 @@ def load_hf(name: str) -> Corpus:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("hf: corpora need the `datasets` package (pip install datasets) and "
-                          "access to the Hugging Face hub; offline, use `kvfree data build` "
-                          "or a text file/folder") from e
+        raise ImportError(
+            "hf: corpora need the `datasets` package (pip install datasets) and "
+            "access to the Hugging Face hub; offline, use `kvfree data build` "
+            "or a text file/folder"
+        ) from e
     repo, _, config = name.partition(":")
     ds = datasets.load_dataset(repo, config or None)
     splits = {}
@@ -111,7 +138,13 @@ def _presplit_files(path: Path) -> dict[str, Path]:
 def _split_corpus(name, docs, seed, val_frac, test_frac, kind, path) -> Corpus:
     parts = split_documents(docs, seed, val_frac, test_frac)
     if not parts["val"]:
-        raise ValueError(f"{path}: only {len(docs)} document(s); need at least 3 to make a "
-                         "validation split — give more text or a folder with train/valid files")
-    return Corpus(name, {s: [d.text for d in v] for s, v in parts.items()},
-                  {"kind": kind, "path": str(path), "seed": seed}, path)
+        raise ValueError(
+            f"{path}: only {len(docs)} document(s); need at least 3 to make a "
+            "validation split — give more text or a folder with train/valid files"
+        )
+    return Corpus(
+        name,
+        {s: [d.text for d in v] for s, v in parts.items()},
+        {"kind": kind, "path": str(path), "seed": seed},
+        path,
+    )

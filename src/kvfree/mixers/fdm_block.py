@@ -42,12 +42,15 @@ from kvfree.mixers.fan import FanScan, FanState
 from kvfree.state import State
 
 VARIANTS = {
-    "lm": dict(score="fdm", passes=2, givens_planes=4, ffn="swiglu", window=256, top_k=16,
-               gate_bias=0.0),
-    "mqar": dict(score="mean_p", passes=2, givens_planes=4, ffn="gelu", window=0, top_k=16,
-                 gate_bias=-3.0),
-    "scan_only": dict(score="channel_p", passes=1, givens_planes=0, ffn="gelu", window=0,
-                      top_k=0, gate_bias=-3.0),
+    "lm": dict(
+        score="fdm", passes=2, givens_planes=4, ffn="swiglu", window=256, top_k=16, gate_bias=0.0
+    ),
+    "mqar": dict(
+        score="mean_p", passes=2, givens_planes=4, ffn="gelu", window=0, top_k=16, gate_bias=-3.0
+    ),
+    "scan_only": dict(
+        score="channel_p", passes=1, givens_planes=0, ffn="gelu", window=0, top_k=0, gate_bias=-3.0
+    ),
 }
 
 
@@ -61,12 +64,27 @@ class FDMBlock(Mixer):
     name = "fdm"
     is_block = True
 
-    def __init__(self, d_model: int, *, variant: str = "lm", window: int | None = None,
-                 top_k: int | None = None, ffn: str | None = None, d_ff: int | None = None,
-                 gate_bias: float | None = None, givens_planes: int | None = None,
-                 t_train: int = 1024, position_term: bool = True, conv_kernel: int = 4,
-                 conv_group_size: int = 64, chunk_size: int = 32, segment: int = 512,
-                 dropout: float = 0.0, init: str = "effective", init_std: float = 0.02):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        variant: str = "lm",
+        window: int | None = None,
+        top_k: int | None = None,
+        ffn: str | None = None,
+        d_ff: int | None = None,
+        gate_bias: float | None = None,
+        givens_planes: int | None = None,
+        t_train: int = 1024,
+        position_term: bool = True,
+        conv_kernel: int = 4,
+        conv_group_size: int = 64,
+        chunk_size: int = 32,
+        segment: int = 512,
+        dropout: float = 0.0,
+        init: str = "effective",
+        init_std: float = 0.02,
+    ):
         super().__init__(d_model)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
@@ -90,12 +108,19 @@ class FDMBlock(Mixer):
         self.scale = D**-0.5
         self.ln_1 = nn.LayerNorm(D)
         self.ln_x = nn.LayerNorm(D) if variant != "scan_only" else None  # scan_only: one LN
-        self.wave = FanScan(D, score=v["score"], passes=v["passes"],
-                            givens_planes=v["givens_planes"] if givens_planes is None
-                            else givens_planes,
-                            conv_kernel=conv_kernel, conv_group_size=conv_group_size,
-                            t_train=t_train, position_term=position_term,
-                            chunk_size=chunk_size, init=init, init_std=init_std)
+        self.wave = FanScan(
+            D,
+            score=v["score"],
+            passes=v["passes"],
+            givens_planes=v["givens_planes"] if givens_planes is None else givens_planes,
+            conv_kernel=conv_kernel,
+            conv_group_size=conv_group_size,
+            t_train=t_train,
+            position_term=position_term,
+            chunk_size=chunk_size,
+            init=init,
+            init_std=init_std,
+        )
         self.ln_2 = nn.LayerNorm(D)
         d_ff = d_ff or 4 * D
         self.ffn = SwiGLU(D, d_ff) if ffn == "swiglu" else GeluMLP(D, d_ff)
@@ -124,8 +149,11 @@ class FDMBlock(Mixer):
 
     # ----- state -------------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
-        cache = fc.init_cache(batch, self.d_model, self.window, self.top_k, device=device,
-                              dtype=dtype) if self.has_cache else None
+        cache = (
+            fc.init_cache(batch, self.d_model, self.window, self.top_k, device=device, dtype=dtype)
+            if self.has_cache
+            else None
+        )
         return FDMState(self.wave.init_state(batch, device=device, dtype=dtype), cache)
 
     def state_formula(self) -> str:
@@ -156,8 +184,7 @@ class FDMBlock(Mixer):
         return z + self.drop(self.ffn(self.ln_2(z)))
 
     def _read(self, h, keys, vis):
-        c = fc.masked_read(self.W_q(self.ln_h(h)), self.W_k(keys), self.W_v(keys), vis,
-                           self.scale)
+        c = fc.masked_read(self.W_q(self.ln_h(h)), self.W_k(keys), self.W_v(keys), vis, self.scale)
         return h + torch.sigmoid(self.W_g(h)) * c
 
     # ----- parallel ------------------------------------------------------------------------------

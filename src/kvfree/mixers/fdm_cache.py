@@ -44,12 +44,18 @@ class CacheState(State):
     pos: int = 0  # tokens seen (metadata)
 
 
-def init_cache(batch: int, d: int, window: int, top_k: int, *, device=None,
-               dtype=None) -> CacheState:
+def init_cache(
+    batch: int, d: int, window: int, top_k: int, *, device=None, dtype=None
+) -> CacheState:
     z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
     scores = torch.zeros(batch, top_k, device=device, dtype=real_dtype(dtype or torch.float32))
-    return CacheState(z(batch, window, d), z(batch, top_k, d), scores,
-                      torch.full((batch, top_k), -1, dtype=torch.int64, device=device), 0)
+    return CacheState(
+        z(batch, window, d),
+        z(batch, top_k, d),
+        scores,
+        torch.full((batch, top_k), -1, dtype=torch.int64, device=device),
+        0,
+    )
 
 
 def cache_size(d: int, window: int, top_k: int) -> int:
@@ -75,8 +81,7 @@ def beats(s_a, i_a, s_b, i_b) -> torch.Tensor:
     return (s_a > s_b) | ((s_a == s_b) & (i_a < i_b))
 
 
-def chunk_visibility(state: CacheState, s: torch.Tensor, window: int,
-                     top_k: int) -> torch.Tensor:
+def chunk_visibility(state: CacheState, s: torch.Tensor, window: int, top_k: int) -> torch.Tensor:
     """[B, T, K + W + T] bool: which of (heap, ring, chunk) slots query pos+i may read.
 
     ``s`` [B, T] are the chunk's scores. Heap slots are shown only outside the window (the ring
@@ -98,8 +103,9 @@ def chunk_visibility(state: CacheState, s: torch.Tensor, window: int,
         g_s = torch.cat([state.heap_s.to(s.dtype), s], dim=1).detach()  # [B, K+T]
         g_i = torch.cat([state.heap_idx, t.expand(B, T)], dim=1)  # [B, K+T]
         valid = g_i >= 0
-        bt = valid[:, :, None] & beats(g_s[:, :, None], g_i[:, :, None], g_s[:, None, :],
-                                       g_i[:, None, :])  # [B, a, b]
+        bt = valid[:, :, None] & beats(
+            g_s[:, :, None], g_i[:, :, None], g_s[:, None, :], g_i[:, None, :]
+        )  # [B, a, b]
         rank_heap = bt[:, :K].sum(1, dtype=torch.int32)  # [B, K+T] beaten by heap entries
         chunk_rows = bt[:, K:].to(torch.int32)  # [B, T, K+T]
         rank = rank_heap[:, None, :] + chunk_rows.cumsum(1, dtype=torch.int32) - chunk_rows
@@ -114,11 +120,12 @@ def causal_topk_mask(s: torch.Tensor, window: int, top_k: int) -> torch.Tensor:
     with (s desc, index asc) ties)."""
     B, _ = s.shape
     empty = init_cache(B, 1, window, top_k, device=s.device, dtype=s.dtype)
-    return chunk_visibility(empty, s, window, top_k)[..., top_k + window:]
+    return chunk_visibility(empty, s, window, top_k)[..., top_k + window :]
 
 
-def update_chunk(state: CacheState, xh: torch.Tensor, s: torch.Tensor, window: int,
-                 top_k: int) -> CacheState:
+def update_chunk(
+    state: CacheState, xh: torch.Tensor, s: torch.Tensor, window: int, top_k: int
+) -> CacheState:
     """The cache after appending a chunk x̂ [B, T, D] with scores s [B, T]."""
     B, T, D = xh.shape
     dev, pos, W, K = xh.device, state.pos, window, top_k
@@ -155,8 +162,9 @@ def step_visibility(state: CacheState, window: int) -> torch.Tensor:
     return torch.cat([vis_heap, vis_ring], dim=-1)
 
 
-def insert_step(state: CacheState, xh_t: torch.Tensor, s_t: torch.Tensor, window: int,
-                top_k: int) -> CacheState:
+def insert_step(
+    state: CacheState, xh_t: torch.Tensor, s_t: torch.Tensor, window: int, top_k: int
+) -> CacheState:
     """Write token ``state.pos`` (x̂_t [B, D], s_t [B]) **after** its read (fdm.md §5.5):
     into ring slot pos mod W, and into the heap if a slot is empty or s_t > s_min (the strict
     comparison makes the earlier index win ties)."""
@@ -165,8 +173,7 @@ def insert_step(state: CacheState, xh_t: torch.Tensor, s_t: torch.Tensor, window
     ring = state.ring
     if W:
         slot = t % W
-        ring = torch.cat([ring[:, :slot], xh_t[:, None].to(ring.dtype), ring[:, slot + 1:]],
-                         dim=1)
+        ring = torch.cat([ring[:, :slot], xh_t[:, None].to(ring.dtype), ring[:, slot + 1 :]], dim=1)
     heap_x, heap_s, heap_i = state.heap_x, state.heap_s, state.heap_idx
     if K:
         s_t = s_t.detach().to(heap_s.dtype)
@@ -188,8 +195,14 @@ def insert_step(state: CacheState, xh_t: torch.Tensor, s_t: torch.Tensor, window
     return CacheState(ring, heap_x, heap_s, heap_i, t + 1)
 
 
-def masked_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch.Tensor,
-                scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+def masked_read(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    vis: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Softmax read Σ_j softmax_j(q·k_j·scale [+ bias_j]) v_j over visible slots; rows that
     see nothing give 0. q [B, T, D], k/v [B, S, D], vis [B, T, S], bias [B, S] → [B, T, D]."""
     logits = torch.einsum("btd,bsd->bts", q, k) * scale

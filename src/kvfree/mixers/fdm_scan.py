@@ -65,8 +65,14 @@ def _prefix_compose(Ar, Ai, Er, Ei):
     return Er, Ei
 
 
-def complex_scan(b_re: torch.Tensor, b_im: torch.Tensor, la: torch.Tensor,
-                 theta: torch.Tensor, h0: torch.Tensor, chunk: int = 32):
+def complex_scan(
+    b_re: torch.Tensor,
+    b_im: torch.Tensor,
+    la: torch.Tensor,
+    theta: torch.Tensor,
+    h0: torch.Tensor,
+    chunk: int = 32,
+):
     """Real parts of all states of h_t = exp(la_t) e^{iθ_t} h_{t-1} + b_t, in real arithmetic.
 
     b_re, b_im, theta [B, T, D]; la [B, T, 1 | D] (≤ 0); h0 [B, 2, D] (real, imag).
@@ -110,8 +116,9 @@ def complex_scan(b_re: torch.Tensor, b_im: torch.Tensor, la: torch.Tensor,
     return y, torch.stack([Hr[:, -1], Hi[:, -1]], dim=1)
 
 
-def complex_step(h: torch.Tensor, b_re: torch.Tensor, b_im: torch.Tensor, la: torch.Tensor,
-                 theta: torch.Tensor) -> torch.Tensor:
+def complex_step(
+    h: torch.Tensor, b_re: torch.Tensor, b_im: torch.Tensor, la: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
     """One step on h [B, 2, D]: b_re/b_im/theta [B, D], la [B, 1 | D] → new h [B, 2, D]."""
     a = la.exp()
     re, im = rotate(h[:, 0], h[:, 1], a * theta.cos(), a * theta.sin())
@@ -126,8 +133,7 @@ class GivensRotation(nn.Module):
     def __init__(self, d_model: int, planes: int = 4):
         super().__init__()
         if 2 * planes > d_model:
-            raise ValueError(f"{planes} Givens planes need d_model >= {2 * planes}, "
-                             f"got {d_model}")
+            raise ValueError(f"{planes} Givens planes need d_model >= {2 * planes}, got {d_model}")
         self.planes = planes
         self.proj = nn.Linear(d_model, planes)
 
@@ -143,7 +149,7 @@ class GivensRotation(nn.Module):
         c, s = phi.cos(), phi.sin()
         x0, x1 = pairs[..., 0], pairs[..., 1]
         rot = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
-        return torch.cat([rot, a[..., 2 * P:]], dim=-1)
+        return torch.cat([rot, a[..., 2 * P :]], dim=-1)
 
     def forward(self, a: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         """Rotate ``a`` [..., D] by the angles computed from ``xt`` [..., D]."""
@@ -161,8 +167,10 @@ class GroupedCausalConv(nn.Module):
         super().__init__()
         groups = max(1, d_model // group_size)
         if d_model % groups:
-            raise ValueError(f"d_model={d_model} is not divisible into {groups} conv groups "
-                             f"of {group_size}; pick conv_group_size dividing d_model")
+            raise ValueError(
+                f"d_model={d_model} is not divisible into {groups} conv groups "
+                f"of {group_size}; pick conv_group_size dividing d_model"
+            )
         self.kernel_size, self.groups = kernel_size, groups
         self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=groups, bias=True)
 
@@ -172,7 +180,7 @@ class GroupedCausalConv(nn.Module):
 
     def forward(self, x, buf):
         xx = torch.cat([buf.to(x.dtype), x], dim=1)
-        return self._conv(xx), xx[:, xx.shape[1] - (self.kernel_size - 1):]
+        return self._conv(xx), xx[:, xx.shape[1] - (self.kernel_size - 1) :]
 
     def step(self, x_t, buf):
         xx = torch.cat([buf.to(x_t.dtype), x_t.unsqueeze(1)], dim=1)  # [B, k, D]

@@ -32,12 +32,30 @@ from kvfree.mixers.mamba2 import dt_bias_init
 class GatedDeltaNet(DeltaNet):
     name = "gated_deltanet"
 
-    def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None,
-                 expand_v: float = 1.0, conv_size: int = 4, chunk_size: int = 64,
-                 norm_eps: float = 1e-5, A_init_range: tuple[float, float] = (1.0, 16.0),
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_floor: float = 1e-4):
-        super().__init__(d_model, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
-                         conv_size=conv_size, chunk_size=chunk_size, norm_eps=norm_eps)
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 2,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+    ):
+        super().__init__(
+            d_model,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            expand_v=expand_v,
+            conv_size=conv_size,
+            chunk_size=chunk_size,
+            norm_eps=norm_eps,
+        )
         lo, hi = A_init_range
         if not 0 < lo <= hi:
             raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
@@ -51,9 +69,9 @@ class GatedDeltaNet(DeltaNet):
 
     def _decay(self, rest, cdt):
         """g_t = −exp(A_log)·softplus(a_t + dt_bias) [..., H] in the compute dtype."""
-        a = rest[..., self.H:2 * self.H].to(cdt)
+        a = rest[..., self.H : 2 * self.H].to(cdt)
         return -self.A_log.to(cdt).exp() * F.softplus(a + self.dt_bias.to(cdt))
 
     def _gate(self, o, rest):
-        r = rest[..., 2 * self.H:].to(o.dtype).reshape(*o.shape)  # [..., H, d_v]
+        r = rest[..., 2 * self.H :].to(o.dtype).reshape(*o.shape)  # [..., H, d_v]
         return o * F.silu(r)

@@ -45,17 +45,25 @@ class LGCacheState(State):
 class LocalGlobalCache(Mixer):
     name = "lgcache"
 
-    def __init__(self, d_model: int, *, window: int = 256, top_k: int = 16,
-                 score_bias: bool = True, gate_bias: float = 0.0, init_std: float = 0.02,
-                 segment: int = 512):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        window: int = 256,
+        top_k: int = 16,
+        score_bias: bool = True,
+        gate_bias: float = 0.0,
+        init_std: float = 0.02,
+        segment: int = 512,
+    ):
         super().__init__(d_model)
         if window < 0 or top_k < 0 or window + top_k == 0:
-            raise ValueError(f"window and top_k must be >= 0 and not both 0, got window="
-                             f"{window}, top_k={top_k}")
+            raise ValueError(
+                f"window and top_k must be >= 0 and not both 0, got window={window}, top_k={top_k}"
+            )
         if segment < 1:
             raise ValueError(f"segment must be >= 1, got {segment}")
-        self.window, self.top_k, self.score_bias, self.segment = window, top_k, score_bias, \
-            segment
+        self.window, self.top_k, self.score_bias, self.segment = window, top_k, score_bias, segment
         self.W_s = nn.Linear(d_model, 1)
         self.W_q, self.W_k, self.W_v, self.W_g = (nn.Linear(d_model, d_model) for _ in range(4))
         for m in (self.W_s, self.W_q, self.W_k, self.W_v, self.W_g):
@@ -65,8 +73,9 @@ class LocalGlobalCache(Mixer):
         self.scale = d_model**-0.5
 
     def init_state(self, batch, *, device=None, dtype=None):
-        return LGCacheState(fc.init_cache(batch, self.d_model, self.window, self.top_k,
-                                          device=device, dtype=dtype))
+        return LGCacheState(
+            fc.init_cache(batch, self.d_model, self.window, self.top_k, device=device, dtype=dtype)
+        )
 
     def state_formula(self) -> str:
         W, K, D = self.window, self.top_k, self.d_model

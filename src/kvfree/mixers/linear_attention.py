@@ -47,9 +47,17 @@ def feature_map(kind: str, x: torch.Tensor) -> torch.Tensor:
 class LinearAttention(Mixer):
     name = "linear_attention"
 
-    def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None,
-                 feature_map: str = "elu", normalize: bool = True, chunk_size: int = 64,
-                 scale: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 2,
+        head_dim: int | None = None,
+        feature_map: str = "elu",
+        normalize: bool = True,
+        chunk_size: int = 64,
+        scale: float | None = None,
+    ):
         super().__init__(d_model)
         if feature_map not in ("identity", "elu"):
             raise unknown_keys_error("feature map", [feature_map], ["identity", "elu"])
@@ -68,8 +76,11 @@ class LinearAttention(Mixer):
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
         S = torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=dtype)
-        z = torch.zeros(batch, self.H, self.dk, device=device, dtype=dtype) if self.normalize \
+        z = (
+            torch.zeros(batch, self.H, self.dk, device=device, dtype=dtype)
+            if self.normalize
             else None
+        )
         return LinearAttentionState(S, z)
 
     def state_formula(self) -> str:

@@ -44,8 +44,9 @@ class Mamba2State(State):
     conv: torch.Tensor  # [B, d_conv - 1, d_in + 2·G·N]
 
 
-def dt_bias_init(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1,
-                 floor: float = 1e-4) -> torch.Tensor:
+def dt_bias_init(
+    n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4
+) -> torch.Tensor:
     """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max] (floored)."""
     if not 0 < dt_min <= dt_max:
         raise ValueError(f"need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
@@ -103,21 +104,37 @@ def _cdt(x: torch.Tensor) -> torch.dtype:
 class Mamba2(Mixer):
     name = "mamba2"
 
-    def __init__(self, d_model: int, *, expand: int = 2, head_dim: int = 32, d_state: int = 16,
-                 ngroups: int = 1, d_conv: int = 4, chunk_size: int = 64,
-                 A_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, dt_floor: float = 1e-4, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        expand: int = 2,
+        head_dim: int = 32,
+        d_state: int = 16,
+        ngroups: int = 1,
+        d_conv: int = 4,
+        chunk_size: int = 64,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__(d_model)
         d_in = int(expand * d_model)
         if head_dim <= 0 or d_in % head_dim:
-            raise ValueError(f"d_in = expand·d_model = {d_in} is not divisible by "
-                             f"head_dim={head_dim}; pick head_dim dividing {d_in}")
+            raise ValueError(
+                f"d_in = expand·d_model = {d_in} is not divisible by "
+                f"head_dim={head_dim}; pick head_dim dividing {d_in}"
+            )
         H = d_in // head_dim
         if ngroups <= 0 or H % ngroups:
             raise ValueError(f"ngroups={ngroups} must divide the number of heads H={H}")
         if d_state <= 0 or d_conv <= 0 or chunk_size <= 0:
-            raise ValueError(f"d_state, d_conv and chunk_size must be positive, got "
-                             f"{d_state}, {d_conv}, {chunk_size}")
+            raise ValueError(
+                f"d_state, d_conv and chunk_size must be positive, got "
+                f"{d_state}, {d_conv}, {chunk_size}"
+            )
         lo, hi = A_init_range
         if not 0 < lo <= hi:
             raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
@@ -140,15 +157,19 @@ class Mamba2(Mixer):
         return Mamba2State(ssm, self.conv.init_buffer(batch, device, dtype))
 
     def state_formula(self) -> str:
-        return (f"H·P·N + (d_in + 2GN)(d_conv − 1) = {self.H}·{self.P}·{self.N} + "
-                f"({self.d_in} + 2·{self.G}·{self.N})·{self.d_conv - 1}")
+        return (
+            f"H·P·N + (d_in + 2GN)(d_conv − 1) = {self.H}·{self.P}·{self.N} + "
+            f"({self.d_in} + 2·{self.G}·{self.N})·{self.d_conv - 1}"
+        )
 
     def state_size(self, seq_len: int) -> int:
         return self.H * self.P * self.N + self.conv_dim * (self.d_conv - 1)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_in={self.d_in}, heads={self.H}, P={self.P}, "
-                f"N={self.N}, G={self.G}, chunk_size={self.chunk_size}")
+        return (
+            f"d_model={self.d_model}, d_in={self.d_in}, heads={self.H}, P={self.P}, "
+            f"N={self.N}, G={self.G}, chunk_size={self.chunk_size}"
+        )
 
     # ----- shared pieces -------------------------------------------------------------------
     def _split(self, zxbcdt, xBC, cdt):
@@ -157,8 +178,8 @@ class Mamba2(Mixer):
         lead = xBC.shape[:-1]
         xBC = xBC.to(cdt)
         x = xBC[..., :d_in].reshape(*lead, H, self.P)
-        B = xBC[..., d_in:d_in + GN].reshape(*lead, self.G, self.N)
-        C = xBC[..., d_in + GN:].reshape(*lead, self.G, self.N)
+        B = xBC[..., d_in : d_in + GN].reshape(*lead, self.G, self.N)
+        C = xBC[..., d_in + GN :].reshape(*lead, self.G, self.N)
         if self.G != H:  # head h reads group h // (H/G)
             B, C = (t.repeat_interleave(H // self.G, dim=-2) for t in (B, C))
         delta = F.softplus(zxbcdt[..., -H:].to(cdt) + self.dt_bias.to(cdt))
@@ -175,26 +196,28 @@ class Mamba2(Mixer):
     # ----- parallel (chunked SSD) ---------------------------------------------------------
     def _forward(self, x_in, state, mask):
         zxbcdt = self.in_proj(x_in)
-        xBC, buf = self.conv(zxbcdt[..., self.d_in:self.d_in + self.conv_dim], state.conv)
+        xBC, buf = self.conv(zxbcdt[..., self.d_in : self.d_in + self.conv_dim], state.conv)
         cdt = _cdt(x_in)
         with torch.autocast(x_in.device.type, enabled=False):
             z, x, B, C, delta = self._split(zxbcdt, xBC, cdt)
             A = -self.A_log.to(cdt).exp()
-            y, h = ssd_chunked(x * delta.unsqueeze(-1), delta * A, B, C, state.ssm.to(cdt),
-                               self.chunk_size)
+            y, h = ssd_chunked(
+                x * delta.unsqueeze(-1), delta * A, B, C, state.ssm.to(cdt), self.chunk_size
+            )
             y = self._finish(y, x, z, x_in)
         return self.out_proj(y), Mamba2State(h.to(state.ssm.dtype), buf.to(state.conv.dtype))
 
     # ----- recurrent -------------------------------------------------------------------------
     def _step(self, x_t, state, mask):
         zxbcdt = self.in_proj(x_t)
-        xBC, buf = self.conv.step(zxbcdt[..., self.d_in:self.d_in + self.conv_dim], state.conv)
+        xBC, buf = self.conv.step(zxbcdt[..., self.d_in : self.d_in + self.conv_dim], state.conv)
         cdt = _cdt(x_t)
         with torch.autocast(x_t.device.type, enabled=False):
             z, x, B, C, delta = self._split(zxbcdt, xBC, cdt)  # x [b, H, P], B, C [b, H, N]
             a = (-self.A_log.to(cdt).exp() * delta).exp()  # [b, H]
-            h = a[..., None, None] * state.ssm.to(cdt) \
-                + (delta.unsqueeze(-1) * x).unsqueeze(-1) * B.unsqueeze(-2)
+            h = a[..., None, None] * state.ssm.to(cdt) + (delta.unsqueeze(-1) * x).unsqueeze(
+                -1
+            ) * B.unsqueeze(-2)
             y = torch.einsum("bhpn,bhn->bhp", h, C)
             y = self._finish(y, x, z, x_t)
         return self.out_proj(y), Mamba2State(h.to(state.ssm.dtype), buf.to(state.conv.dtype))

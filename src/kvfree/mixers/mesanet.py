@@ -78,26 +78,42 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _check_core(q, k, v, beta, gate, lam) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"mesa_core expects q, k [B, T, H, d_k] and v [B, T, H, d_v], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"mesa_core expects q, k [B, T, H, d_k] and v [B, T, H, d_v], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     for what, t in (("beta", beta), ("gamma", gate)):
         if t is not None and t.shape != q.shape[:3]:
-            raise ValueError(f"mesa_core: {what} must be [B, T, H] = {tuple(q.shape[:3])}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"mesa_core: {what} must be [B, T, H] = {tuple(q.shape[:3])}, got {tuple(t.shape)}"
+            )
     if torch.as_tensor(lam).numel() not in (1, q.shape[-1], q.shape[2] * q.shape[-1]):
-        raise ValueError(f"mesa_core: lam must be [H, d_k], [d_k] or a scalar, got "
-                         f"{tuple(lam.shape)}")
+        raise ValueError(
+            f"mesa_core: lam must be [H, d_k], [d_k] or a scalar, got {tuple(lam.shape)}"
+        )
 
 
 def _lam(lam, H: int, dk: int, like: torch.Tensor) -> torch.Tensor:
     """λ as [H, d_k] from [H, d_k], [d_k] or a scalar."""
     lam = torch.as_tensor(lam).to(device=like.device, dtype=like.dtype)
-    return lam.reshape(1, 1).expand(H, dk) if lam.numel() == 1 else lam.reshape(-1, dk).expand(
-        H, dk)
+    return (
+        lam.reshape(1, 1).expand(H, dk) if lam.numel() == 1 else lam.reshape(-1, dk).expand(H, dk)
+    )
 
 
-def mesa_core(q, k, v, beta, gamma, lam, state=None, *, log_gamma=None, chunk_size: int = 64,
-              counter: FallbackCounter | None = None):
+def mesa_core(
+    q,
+    k,
+    v,
+    beta,
+    gamma,
+    lam,
+    state=None,
+    *,
+    log_gamma=None,
+    chunk_size: int = 64,
+    counter: FallbackCounter | None = None,
+):
     """Chunked exact Mesa rule on features q, k [B, T, H, d_k], v [B, T, H, d_v] (module
     docstring). Returns ``(o [B, T, H, d_v], (H_kk, H_kv))``."""
     gate = log_gamma if log_gamma is not None else gamma
@@ -122,14 +138,15 @@ def mesa_core(q, k, v, beta, gamma, lam, state=None, *, log_gamma=None, chunk_si
         st_dtype = Hkk0.dtype
         Hkk0, Hkv0 = Hkk0.to(cd), Hkv0.to(cd)
         if T == 0:
-            return v.new_zeros(B, 0, H, dv).to(out_dtype), (Hkk0.to(st_dtype),
-                                                            Hkv0.to(st_dtype))
+            return v.new_zeros(B, 0, H, dv).to(out_dtype), (Hkk0.to(st_dtype), Hkv0.to(st_dtype))
         C = min(chunk_size, T)
         pad = (-T) % C
         N = (T + pad) // C
         # zero-padded rows have β = 0, log γ = 0: they leave the state unchanged
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
-                   for t in (q, k, v))  # [B, H, N, C, d]
+        q, k, v = (
+            F.pad(t, (0, 0, 0, 0, 0, pad)).view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
+            for t in (q, k, v)
+        )  # [B, H, N, C, d]
         g, b = (F.pad(t, (0, 0, 0, pad)).view(B, N, C, H).permute(0, 3, 1, 2) for t in (g, b))
         ell = g.cumsum(-1)  # [B, H, N, C]: log Γ_i within the chunk
         A = _segsum(g).exp() * b.unsqueeze(-2)  # [B, H, N, C, C]: β_j Γ_i/Γ_j, 0 for j > i
@@ -151,8 +168,9 @@ def mesa_core(q, k, v, beta, gamma, lam, state=None, *, log_gamma=None, chunk_si
         return o.to(out_dtype), (Hkk[:, :, N].to(st_dtype), Hkv[:, :, N].to(st_dtype))
 
 
-def mesa_step(q, k, v, beta, gamma, lam, state=None, *, log_gamma=None,
-              counter: FallbackCounter | None = None):
+def mesa_step(
+    q, k, v, beta, gamma, lam, state=None, *, log_gamma=None, counter: FallbackCounter | None = None
+):
     """One token of the Mesa rule: q, k [B, H, d_k], v [B, H, d_v], beta/gamma [B, H] or None.
     Returns ``(o [B, H, d_v], (H_kk, H_kv))``."""
     B, H, dk = q.shape
@@ -167,8 +185,9 @@ def mesa_step(q, k, v, beta, gamma, lam, state=None, *, log_gamma=None,
         st_dtype = Hkk.dtype
         Hkk, Hkv = Hkk.to(cd), Hkv.to(cd)
         if log_gamma is not None or gamma is not None:
-            gam = (log_gamma.to(cd).exp() if log_gamma is not None else gamma.to(cd))[..., None,
-                                                                                        None]
+            gam = (log_gamma.to(cd).exp() if log_gamma is not None else gamma.to(cd))[
+                ..., None, None
+            ]
             Hkk, Hkv = gam * Hkk, gam * Hkv
         bk = k * beta.to(cd).unsqueeze(-1) if beta is not None else k
         Hkk = Hkk + bk.unsqueeze(-1) * k.unsqueeze(-2)
@@ -191,21 +210,36 @@ def _softplus_inv(y: float) -> float:
 class MesaNet(Mixer):
     name = "mesanet"
 
-    def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None,
-                 chunk_size: int = 64, use_gates: bool = True, lambda_init: float = 1.0,
-                 lambda_min: float = 0.25, conv_size: int = 4, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 2,
+        head_dim: int | None = None,
+        chunk_size: int = 64,
+        use_gates: bool = True,
+        lambda_init: float = 1.0,
+        lambda_min: float = 0.25,
+        conv_size: int = 4,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__(d_model)
         if head_dim is None:
             if d_model % num_heads:
-                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                                 "pass head_dim explicitly")
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
             head_dim = d_model // num_heads
         if chunk_size < 1 or conv_size < 1:
-            raise ValueError(f"chunk_size and conv_size must be >= 1, got {chunk_size}, "
-                             f"{conv_size}")
+            raise ValueError(
+                f"chunk_size and conv_size must be >= 1, got {chunk_size}, {conv_size}"
+            )
         if not 0 <= lambda_min < lambda_init:
-            raise ValueError(f"need 0 <= lambda_min < lambda_init (λ = softplus(raw) + "
-                             f"lambda_min), got lambda_min={lambda_min}, lambda_init={lambda_init}")
+            raise ValueError(
+                f"need 0 <= lambda_min < lambda_init (λ = softplus(raw) + "
+                f"lambda_min), got lambda_min={lambda_min}, lambda_init={lambda_init}"
+            )
         self.H, self.dk, self.dv = num_heads, head_dim, head_dim
         self.chunk_size, self.use_gates, self.conv_size = chunk_size, use_gates, conv_size
         self.lambda_min = float(lambda_min)
@@ -219,7 +253,8 @@ class MesaNet(Mixer):
             self.a_proj = nn.Linear(d_model, self.H, bias=True)  # forget strength γ
             self.b_proj = nn.Linear(d_model, self.H, bias=True)  # input strength β
         self.lambda_raw = nn.Parameter(
-            torch.full((self.H, self.dk), _softplus_inv(lambda_init - lambda_min)))
+            torch.full((self.H, self.dk), _softplus_inv(lambda_init - lambda_min))
+        )
         self.lambda_raw._no_weight_decay = True
         self.o_norm = nn.RMSNorm(self.dv, eps=norm_eps)
         self.o_proj = nn.Linear(self.H * self.dv, d_model, bias=False)
@@ -232,18 +267,24 @@ class MesaNet(Mixer):
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
         z = dict(device=device, dtype=dtype)
-        return MesaNetState(torch.zeros(batch, self.H, self.dk, self.dk, **z),
-                            torch.zeros(batch, self.H, self.dk, self.dv, **z),
-                            self.q_conv.init_buffer(batch, **z),
-                            self.k_conv.init_buffer(batch, **z))
+        return MesaNetState(
+            torch.zeros(batch, self.H, self.dk, self.dk, **z),
+            torch.zeros(batch, self.H, self.dk, self.dv, **z),
+            self.q_conv.init_buffer(batch, **z),
+            self.k_conv.init_buffer(batch, **z),
+        )
 
     def state_formula(self) -> str:
-        return (f"H·(d_k² + d_k·d_v) + 2·(k−1)·H·d_k = {self.H}·({self.dk}² + "
-                f"{self.dk}·{self.dv}) + 2·{self.conv_size - 1}·{self.H}·{self.dk}")
+        return (
+            f"H·(d_k² + d_k·d_v) + 2·(k−1)·H·d_k = {self.H}·({self.dk}² + "
+            f"{self.dk}·{self.dv}) + 2·{self.conv_size - 1}·{self.H}·{self.dk}"
+        )
 
     def state_size(self, seq_len: int) -> int:
-        return self.H * (self.dk * self.dk + self.dk * self.dv) + \
-            2 * (self.conv_size - 1) * self.H * self.dk
+        return (
+            self.H * (self.dk * self.dk + self.dk * self.dv)
+            + 2 * (self.conv_size - 1) * self.H * self.dk
+        )
 
     # ----- features ----------------------------------------------------------------------
     def _features(self, x, state: MesaNetState, step: bool):
@@ -267,17 +308,37 @@ class MesaNet(Mixer):
     # ----- parallel (chunked) / recurrent ----------------------------------------------------
     def _forward(self, x, state, mask):
         q, k, v, beta, lg, qb, kb = self._features(x, state, step=False)
-        o, (Hkk, Hkv) = mesa_core(q, k, v, beta, None, self.lam(), (state.H_kk, state.H_kv),
-                                  log_gamma=lg, chunk_size=self.chunk_size,
-                                  counter=self.fallbacks)
+        o, (Hkk, Hkv) = mesa_core(
+            q,
+            k,
+            v,
+            beta,
+            None,
+            self.lam(),
+            (state.H_kk, state.H_kv),
+            log_gamma=lg,
+            chunk_size=self.chunk_size,
+            counter=self.fallbacks,
+        )
         return self._out(o), MesaNetState(Hkk, Hkv, qb, kb)
 
     def _step(self, x_t, state, mask):
         q, k, v, beta, lg, qb, kb = self._features(x_t, state, step=True)
-        o, (Hkk, Hkv) = mesa_step(q, k, v, beta, None, self.lam(), (state.H_kk, state.H_kv),
-                                  log_gamma=lg, counter=self.fallbacks)
+        o, (Hkk, Hkv) = mesa_step(
+            q,
+            k,
+            v,
+            beta,
+            None,
+            self.lam(),
+            (state.H_kk, state.H_kv),
+            log_gamma=lg,
+            counter=self.fallbacks,
+        )
         return self._out(o), MesaNetState(Hkk, Hkv, qb, kb)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, heads={self.H}, head_dim={self.dk}, "
-                f"chunk_size={self.chunk_size}, use_gates={self.use_gates}")
+        return (
+            f"d_model={self.d_model}, heads={self.H}, head_dim={self.dk}, "
+            f"chunk_size={self.chunk_size}, use_gates={self.use_gates}"
+        )

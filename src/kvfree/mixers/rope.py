@@ -17,8 +17,9 @@ import torch
 from kvfree.linalg import upcast
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, base: float = 10000.0,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the angles p·θ_i for integer ``positions`` [...] -> two tensors [..., dim/2]."""
     if dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {dim}")

@@ -92,35 +92,64 @@ class SKA(Mixer):
     name = "ska"
     supports_mask = True
 
-    def __init__(self, d_model: int, *, num_heads: int = 4, rank: int = 24,
-                 head_dim: int | None = None, mode: str = "chunk", chunk_size: int = 64,
-                 K: int = 2, eps: float = 1e-3, norm: str = "l2", seqmax_scope: str = "mask",
-                 spectral_norm: bool = True, power_iters: int = 6, use_gain: bool = True,
-                 gamma_max: float = 1.5, gamma_init: float = 1.0, eta_init: float = 1.5,
-                 learn_eta: bool = True, beta_gate: bool = False, beta_mode: str = "sqrt",
-                 boundary: str = "exclusive", out_init: str = "zero",
-                 layerscale_init: float = 1e-4):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int = 4,
+        rank: int = 24,
+        head_dim: int | None = None,
+        mode: str = "chunk",
+        chunk_size: int = 64,
+        K: int = 2,
+        eps: float = 1e-3,
+        norm: str = "l2",
+        seqmax_scope: str = "mask",
+        spectral_norm: bool = True,
+        power_iters: int = 6,
+        use_gain: bool = True,
+        gamma_max: float = 1.5,
+        gamma_init: float = 1.0,
+        eta_init: float = 1.5,
+        learn_eta: bool = True,
+        beta_gate: bool = False,
+        beta_mode: str = "sqrt",
+        boundary: str = "exclusive",
+        out_init: str = "zero",
+        layerscale_init: float = 1e-4,
+    ):
         super().__init__(d_model)
         mode = _ALIASES.get(mode, mode)
-        for what, val, ok in (("mode", mode, MODES), ("norm", norm, ("l2", "seqmax")),
-                              ("seqmax_scope", seqmax_scope, ("mask", "all")),
-                              ("beta_mode", beta_mode, ("sqrt", "asym")),
-                              ("boundary", boundary, ("exclusive", "inclusive")),
-                              ("out_init", out_init, ("zero", "layerscale"))):
+        for what, val, ok in (
+            ("mode", mode, MODES),
+            ("norm", norm, ("l2", "seqmax")),
+            ("seqmax_scope", seqmax_scope, ("mask", "all")),
+            ("beta_mode", beta_mode, ("sqrt", "asym")),
+            ("boundary", boundary, ("exclusive", "inclusive")),
+            ("out_init", out_init, ("zero", "layerscale")),
+        ):
             if val not in ok:
                 raise unknown_keys_error(f"SKA {what}", [val], ok)
         if norm == "seqmax" and mode in CAUSAL_MODES:
             raise ValueError(
                 f"norm='seqmax' divides by the maximum key norm of the whole sequence, which "
                 f"leaks future tokens into mode={mode!r} (ska.md §3); use norm='l2' for causal "
-                "modes, or mode='prefix'/'masked' with seqmax")
+                "modes, or mode='prefix'/'masked' with seqmax"
+            )
         if head_dim is None:
             if d_model % num_heads:
-                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                                 "pass head_dim explicitly")
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                    "pass head_dim explicitly"
+                )
             head_dim = d_model // num_heads
-        for what, val in (("num_heads", num_heads), ("rank", rank), ("head_dim", head_dim),
-                          ("chunk_size", chunk_size), ("power_iters", power_iters)):
+        for what, val in (
+            ("num_heads", num_heads),
+            ("rank", rank),
+            ("head_dim", head_dim),
+            ("chunk_size", chunk_size),
+            ("power_iters", power_iters),
+        ):
             if val < 1:
                 raise ValueError(f"SKA {what} must be >= 1, got {val}")
         if K < 0 or eps < 0:
@@ -128,12 +157,17 @@ class SKA(Mixer):
         if gamma_max < 1.0:
             raise ValueError(f"gamma_max must be >= 1 (γ ∈ [1, gamma_max]), got {gamma_max}")
         self.H, self.r, self.P = num_heads, rank, head_dim
-        self.mode, self.chunk_size, self.norm, self.seqmax_scope = mode, chunk_size, norm, \
-            seqmax_scope
+        self.mode, self.chunk_size, self.norm, self.seqmax_scope = (
+            mode,
+            chunk_size,
+            norm,
+            seqmax_scope,
+        )
         self.beta_mode, self.inclusive = beta_mode, boundary == "inclusive"
         self.gamma_max, self.use_gain = gamma_max, use_gain
-        self.cfg = core.ReadoutConfig(eps=eps, K=K, spectral_norm=spectral_norm,
-                                      power_iters=power_iters)
+        self.cfg = core.ReadoutConfig(
+            eps=eps, K=K, spectral_norm=spectral_norm, power_iters=power_iters
+        )
         self.k_proj = nn.Linear(d_model, self.H * rank, bias=False)
         self.q_proj = nn.Linear(d_model, self.H * rank, bias=False)
         self.v_proj = nn.Linear(d_model, self.H * head_dim, bias=False)
@@ -164,17 +198,23 @@ class SKA(Mixer):
         self.diagnostics: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, heads={self.H}, rank={self.r}, head_dim={self.P}, "
-                f"mode={self.mode}, K={self.cfg.K}, S={self.chunk_size}, norm={self.norm}")
+        return (
+            f"d_model={self.d_model}, heads={self.H}, rank={self.r}, head_dim={self.P}, "
+            f"mode={self.mode}, K={self.cfg.K}, S={self.chunk_size}, norm={self.norm}"
+        )
 
     # ----- state ---------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
         dt = upcast(torch.empty(0, dtype=dtype)).dtype  # statistics never below fp32
         z = lambda *s: torch.zeros(batch, self.H, *s, device=device, dtype=dt)
-        pending = SKAPending(z(self.r, self.r), z(self.r, self.r), z(self.P, self.r)) \
-            if self.mode == "chunk" else None
-        return SKAState(z(self.r, self.r), z(self.r, self.r), z(self.P, self.r), z(self.r), z(),
-                        pending)
+        pending = (
+            SKAPending(z(self.r, self.r), z(self.r, self.r), z(self.P, self.r))
+            if self.mode == "chunk"
+            else None
+        )
+        return SKAState(
+            z(self.r, self.r), z(self.r, self.r), z(self.P, self.r), z(self.r), z(), pending
+        )
 
     def _per_head(self) -> int:
         return 2 * self.r * self.r + self.P * self.r
@@ -182,8 +222,10 @@ class SKA(Mixer):
     def state_formula(self) -> str:
         r, P, H = self.r, self.P, self.H
         if self.mode == "chunk":
-            return (f"H·(2(2r²+Pr)+r+1) = {H}·(2(2·{r}²+{P}·{r})+{r}+1) "
-                    "(committed + pending G, M, C; previous key; position)")
+            return (
+                f"H·(2(2r²+Pr)+r+1) = {H}·(2(2·{r}²+{P}·{r})+{r}+1) "
+                "(committed + pending G, M, C; previous key; position)"
+            )
         one = "m" if self.norm == "seqmax" else "position"
         return f"H·(2r²+Pr+r+1) = {H}·(2·{r}²+{P}·{r}+{r}+1) (G, M, C; previous key; {one})"
 
@@ -236,8 +278,13 @@ class SKA(Mixer):
         m_old = state.scalar
         m = torch.maximum(m_old, norms).clamp_min(core.SEQMAX_FLOOR)  # [B, H]
         ratio = (m_old / m).unsqueeze(-1)  # statistics were normalised by m_old
-        rescaled = SKAState(state.G * ratio.unsqueeze(-1) ** 2, state.M * ratio.unsqueeze(-1) ** 2,
-                            state.C * ratio.unsqueeze(-1), state.prev * ratio, m)
+        rescaled = SKAState(
+            state.G * ratio.unsqueeze(-1) ** 2,
+            state.M * ratio.unsqueeze(-1) ** 2,
+            state.C * ratio.unsqueeze(-1),
+            state.prev * ratio,
+            m,
+        )
         mm = m.unsqueeze(1).unsqueeze(-1) if z.dim() == 4 else m.unsqueeze(-1)
         return z / mm, q / mm, rescaled, m
 
@@ -260,11 +307,19 @@ class SKA(Mixer):
             raise ValueError(
                 f"SKA in mode={self.mode!r} fits its operator on the tokens a mask selects: pass "
                 "mask [B, T] (1 = the token writes, e.g. the task's prefix mask), or use "
-                "mode='token'/'chunk' for mask-free causal SKA")
-        if self.mode == "prefix" and mask is not None and mask.dim() == 2 and mask.shape[1] > 1 \
-                and bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError("mode='prefix' needs a prefix mask (1…1 0…0 per row); use "
-                             "mode='masked' for arbitrary write masks")
+                "mode='token'/'chunk' for mask-free causal SKA"
+            )
+        if (
+            self.mode == "prefix"
+            and mask is not None
+            and mask.dim() == 2
+            and mask.shape[1] > 1
+            and bool((mask[:, 1:] > mask[:, :-1]).any())
+        ):
+            raise ValueError(
+                "mode='prefix' needs a prefix mask (1…1 0…0 per row); use "
+                "mode='masked' for arbitrary write masks"
+            )
         return super().forward(x, state, mask)
 
     # ----- parallel --------------------------------------------------------------------------
@@ -278,20 +333,57 @@ class SKA(Mixer):
             pending = None
             if self.mode == "token":
                 y, (G, M, C, prev), info = core.token_causal(
-                    state.G, state.M, state.C, state.prev, xw, u, l, p, qh, g, eta, self.cfg,
-                    self.fallbacks)
+                    state.G,
+                    state.M,
+                    state.C,
+                    state.prev,
+                    xw,
+                    u,
+                    l,
+                    p,
+                    qh,
+                    g,
+                    eta,
+                    self.cfg,
+                    self.fallbacks,
+                )
             elif self.mode == "chunk":
                 pos = int(state.scalar.flatten()[0].item()) if state.scalar.numel() else 0
                 pend = state.pending
                 y, (G, M, C), pend_new, prev, info = core.chunk_causal(
-                    (state.G, state.M, state.C), (pend.G, pend.M, pend.C), pos, self.chunk_size,
-                    self.inclusive, state.prev, xw, u, l, p, qh, g, eta, self.cfg,
-                    self.fallbacks)
+                    (state.G, state.M, state.C),
+                    (pend.G, pend.M, pend.C),
+                    pos,
+                    self.chunk_size,
+                    self.inclusive,
+                    state.prev,
+                    xw,
+                    u,
+                    l,
+                    p,
+                    qh,
+                    g,
+                    eta,
+                    self.cfg,
+                    self.fallbacks,
+                )
                 pending = SKAPending(*pend_new)
             else:
                 y, (G, M, C, prev), info = core.full_sequence(
-                    state.G, state.M, state.C, state.prev, xw, u, l, p, qh, g, eta, self.cfg,
-                    self.fallbacks)
+                    state.G,
+                    state.M,
+                    state.C,
+                    state.prev,
+                    xw,
+                    u,
+                    l,
+                    p,
+                    qh,
+                    g,
+                    eta,
+                    self.cfg,
+                    self.fallbacks,
+                )
             scalar = m_new if m_new is not None else state.scalar + T
             self._record(info)
         return self._out(y, out_dtype), SKAState(G, M, C, prev, scalar, pending)
@@ -312,18 +404,17 @@ class SKA(Mixer):
                 G = torch.where(at_boundary, state.G + pd.G, state.G)  # commit the full chunk
                 M = torch.where(at_boundary, state.M + pd.M, state.M)
                 C = torch.where(at_boundary, state.C + pd.C, state.C)
-                Gp, Mp, Cp = (torch.where(at_boundary, torch.zeros_like(t), t)
-                              for t in (pd.G, pd.M, pd.C))
+                Gp, Mp, Cp = (
+                    torch.where(at_boundary, torch.zeros_like(t), t) for t in (pd.G, pd.M, pd.C)
+                )
                 if self.inclusive:  # the lag pair crossing the boundary is read at once
                     M = torch.where(at_boundary, M + dM, M)
                     dM = torch.where(at_boundary, torch.zeros_like(dM), dM)
-                y, info = core.readout(G, M, C, qh.unsqueeze(-2), g, eta, self.cfg,
-                                       self.fallbacks)
+                y, info = core.readout(G, M, C, qh.unsqueeze(-2), g, eta, self.cfg, self.fallbacks)
                 pending = SKAPending(Gp + dG, Mp + dM, Cp + dC)
             else:
                 G, M, C = state.G + dG, state.M + dM, state.C + dC
-                y, info = core.readout(G, M, C, qh.unsqueeze(-2), g, eta, self.cfg,
-                                       self.fallbacks)
+                y, info = core.readout(G, M, C, qh.unsqueeze(-2), g, eta, self.cfg, self.fallbacks)
             scalar = m_new if m_new is not None else state.scalar + 1
             self._record(info)
         return self._out(y.squeeze(-2), out_dtype), SKAState(G, M, C, p, scalar, pending)

@@ -41,8 +41,13 @@ def l2_normalize(z: torch.Tensor) -> torch.Tensor:
     return z * torch.rsqrt((z * z).sum(-1, keepdim=True) + L2_EPS)
 
 
-def write_vectors(zh: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
-                  mask: torch.Tensor | None, beta_mode: str = "sqrt"):
+def write_vectors(
+    zh: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    beta_mode: str = "sqrt",
+):
     """(x, u, l, p) for keys zh [B, T, H, r] (or [B, H, r]), values v [..., P], gate β and
     write mask m [B, T, H] (or [B, H]), either optional. See the module docstring."""
     if beta is None and mask is None:
@@ -111,9 +116,16 @@ def whitened_operator(Li: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return Li @ M @ Li.transpose(-1, -2)
 
 
-def readout(G: torch.Tensor, M: torch.Tensor, C: torch.Tensor, q: torch.Tensor,
-            gamma: torch.Tensor, eta: torch.Tensor, cfg: ReadoutConfig,
-            counter: FallbackCounter | None = None) -> tuple[torch.Tensor, ReadoutInfo]:
+def readout(
+    G: torch.Tensor,
+    M: torch.Tensor,
+    C: torch.Tensor,
+    q: torch.Tensor,
+    gamma: torch.Tensor,
+    eta: torch.Tensor,
+    cfg: ReadoutConfig,
+    counter: FallbackCounter | None = None,
+) -> tuple[torch.Tensor, ReadoutInfo]:
     """ŷ [..., n, P] for n queries q̂ [..., n, r] per operator (G, M [..., r, r] raw sums without
     ε; C [..., P, r]). γ and η are scalar tensors (γ already clamped).
 
@@ -164,8 +176,23 @@ def full_sequence(G0, M0, C0, prev, x, u, l, p, q, gamma, eta, cfg, counter=None
     return y.transpose(1, 2), (G, M, C, p[:, -1]), info
 
 
-def chunk_causal(committed, pending, pos: int, S: int, inclusive: bool, prev, x, u, l, p, q,
-                 gamma, eta, cfg, counter=None):
+def chunk_causal(
+    committed,
+    pending,
+    pos: int,
+    S: int,
+    inclusive: bool,
+    prev,
+    x,
+    u,
+    l,
+    p,
+    q,
+    gamma,
+    eta,
+    cfg,
+    counter=None,
+):
     """Chunk-causal parallel form (ska.md §5, paper eqs. 7–10) continuing from a decoder state.
 
     ``committed`` = (G, M, C) of all closed chunks, ``pending`` = sums of the open chunk, ``pos``
@@ -190,8 +217,10 @@ def chunk_causal(committed, pending, pos: int, S: int, inclusive: bool, prev, x,
     TG = torch.einsum("bnshi,bnshj->bnhij", xs, xs)  # chunk totals [B, N, H, r, r]
     TM = torch.einsum("bnshi,bnshj->bnhij", ls, pps)
     TC = torch.einsum("bnshi,bnshj->bnhij", us, xs)  # [B, N, H, P, r]
-    TG, TM, TC = (torch.cat([t[:, :1] + e.unsqueeze(1), t[:, 1:]], 1)
-                  for t, e in ((TG, Gp), (TM, Mp), (TC, Cp)))
+    TG, TM, TC = (
+        torch.cat([t[:, :1] + e.unsqueeze(1), t[:, 1:]], 1)
+        for t, e in ((TG, Gp), (TM, Mp), (TC, Cp))
+    )
     bsum = None
     if inclusive:  # lag pair of each chunk's first slot (zero for padding and at position 0)
         b = outer(ls[:, :, 0], pps[:, :, 0])  # [B, N, H, r, r]
@@ -201,13 +230,15 @@ def chunk_causal(committed, pending, pos: int, S: int, inclusive: bool, prev, x,
     def excl(t):  # Σ_{i<j} t_i
         return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1].cumsum(1)], 1)
 
-    RG, RM, RC = Gc0.unsqueeze(1) + excl(TG), Mc0.unsqueeze(1) + excl(TM), Cc0.unsqueeze(1) \
-        + excl(TC)
+    RG, RM, RC = (
+        Gc0.unsqueeze(1) + excl(TG),
+        Mc0.unsqueeze(1) + excl(TM),
+        Cc0.unsqueeze(1) + excl(TC),
+    )
     if bsum is not None:
         RM = RM + bsum
     y, info = readout(RG, RM, RC, qs.transpose(2, 3), gamma, eta, cfg, counter)  # [B,N,H,S,P]
-    y = y.transpose(2, 3).reshape(B, N * S, H, -1)[:, o:o + T]
+    y = y.transpose(2, 3).reshape(B, N * S, H, -1)[:, o : o + T]
     new_committed = (RG[:, -1], RM[:, -1], RC[:, -1])
     new_pending = (TG[:, -1], TM[:, -1], TC[:, -1])
     return y, new_committed, new_pending, p[:, -1], info
-

@@ -47,8 +47,9 @@ class ModelConfig:
         self.layer_options = {int(k): v for k, v in self.layer_options.items()}
         for i in self.layer_options:
             if not 0 <= i < len(self.layers):
-                raise ValueError(f"layer_options has index {i}, but there are "
-                                 f"{len(self.layers)} layers")
+                raise ValueError(
+                    f"layer_options has index {i}, but there are {len(self.layers)} layers"
+                )
 
     def options_for(self, i: int) -> dict[str, Any]:
         return {**self.mixer_options.get(self.layers[i], {}), **self.layer_options.get(i, {})}

@@ -30,8 +30,9 @@ from kvfree.models.lm import LanguageModel, ModelState
 
 
 class HRBD(nn.Module):
-    def __init__(self, base: LanguageModel, heads: int = 4, *, layer: int = 0,
-                 penalty: float = 0.01):
+    def __init__(
+        self, base: LanguageModel, heads: int = 4, *, layer: int = 0, penalty: float = 0.01
+    ):
         super().__init__()
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
@@ -53,8 +54,9 @@ class HRBD(nn.Module):
 
     def modulation(self, r: torch.Tensor) -> torch.Tensor:
         """m = mean_h (1 + tanh(W_h r + b_h)) for r [..., D]."""
-        z = torch.einsum("...d,hed->...he", r, self.beam_weight.to(r.dtype)) + \
-            self.beam_bias.to(r.dtype)
+        z = torch.einsum("...d,hed->...he", r, self.beam_weight.to(r.dtype)) + self.beam_bias.to(
+            r.dtype
+        )
         return 1.0 + torch.tanh(z).mean(-2)
 
     def aux_loss(self) -> torch.Tensor:
@@ -68,8 +70,7 @@ class HRBD(nn.Module):
 
     def _run(self, x, states, call):
         new = []
-        for i, (block, mixer, s) in enumerate(zip(self.base.blocks, self.base.mixers(),
-                                                  states)):
+        for i, (block, mixer, s) in enumerate(zip(self.base.blocks, self.base.mixers(), states)):
             r = x.detach()
             x, s = call(block, x, s, mixer)
             if i == self.layer:
@@ -82,21 +83,26 @@ class HRBD(nn.Module):
         base = self.base
         return base.head(x) if base.head is not None else x @ base.embed.weight.t()
 
-    def forward(self, ids: torch.Tensor, state: ModelState | None = None,
-                mask: torch.Tensor | None = None):
+    def forward(
+        self, ids: torch.Tensor, state: ModelState | None = None, mask: torch.Tensor | None = None
+    ):
         base = self.base
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError("ids must have shape [batch, seq]")
         pos = state.pos if state is not None else 0
         base._check_ids(ids, pos)
         states = state.layers if state is not None else [None] * len(base.blocks)
-        x, new = self._run(base._embed(ids, pos), states,
-                           lambda b, x, s, m: b(x, s, mask if m.supports_mask else None))
+        x, new = self._run(
+            base._embed(ids, pos),
+            states,
+            lambda b, x, s, m: b(x, s, mask if m.supports_mask else None),
+        )
         return self._logits(x), ModelState(new, pos + ids.shape[1])
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                state: ModelState | None = None):
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor | None = None, state: ModelState | None = None
+    ):
         return self.forward(ids, state, mask)
 
     def step(self, ids_t: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None):
@@ -106,8 +112,11 @@ class HRBD(nn.Module):
         if state is None:
             state = base.init_state(ids_t.shape[0], device=ids_t.device)
         base._check_ids(ids_t, state.pos)
-        x, new = self._run(base._embed(ids_t, state.pos), state.layers,
-                           lambda b, x, s, m: b.step(x, s, mask if m.supports_mask else None))
+        x, new = self._run(
+            base._embed(ids_t, state.pos),
+            state.layers,
+            lambda b, x, s, m: b.step(x, s, mask if m.supports_mask else None),
+        )
         return self._logits(x), ModelState(new, state.pos + 1)
 
 
@@ -115,6 +124,14 @@ def hrbd_train_config(**overrides):
     """The original HRBD recipe as a :class:`~kvfree.train.trainer.TrainConfig`."""
     from kvfree.train.trainer import TrainConfig
 
-    cfg = dict(steps=5000, lr=1e-3, warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.1,
-               beta1=0.9, beta2=0.95, eval_every=500)
+    cfg = dict(
+        steps=5000,
+        lr=1e-3,
+        warmup_steps=200,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.95,
+        eval_every=500,
+    )
     return TrainConfig(**{**cfg, **overrides})

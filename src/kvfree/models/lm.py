@@ -43,8 +43,9 @@ class LanguageModel(nn.Module):
                 blocks.append(mixer)
             else:
                 d_ff = c.d_ff or (4 * c.d_model if c.mlp == "gelu" else ffn_width(c.d_model, 8 / 3))
-                blocks.append(ResidualBlock(mixer, c.d_model, build_mlp(c.mlp, c.d_model, d_ff),
-                                            c.norm))
+                blocks.append(
+                    ResidualBlock(mixer, c.d_model, build_mlp(c.mlp, c.d_model, d_ff), c.norm)
+                )
         self.blocks = nn.ModuleList(blocks)
         for cls in dict.fromkeys(type(b) for b in blocks):  # weights shared across layers
             if hasattr(cls, "tie_layers"):  # (e.g. FDM's position term and μ)
@@ -66,17 +67,23 @@ class LanguageModel(nn.Module):
 
     def _check_ids(self, ids: torch.Tensor, pos: int) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"token ids must be an integer tensor, got "
-                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
+            raise TypeError(
+                f"token ids must be an integer tensor, got "
+                f"{getattr(ids, 'dtype', type(ids).__name__)}"
+            )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)].flatten()[:5].tolist()
-            raise ValueError(f"token ids out of vocabulary [0, {self.config.vocab_size}): {bad}; "
-                             "check the tokenizer or the model's vocab_size")
+            raise ValueError(
+                f"token ids out of vocabulary [0, {self.config.vocab_size}): {bad}; "
+                "check the tokenizer or the model's vocab_size"
+            )
         limit = self.config.max_len
         length = pos + (ids.shape[1] if ids.dim() == 2 else 1)
         if limit is not None and length > limit:
-            raise ValueError(f"sequence of {length} tokens exceeds this model's max_len={limit}; "
-                             "shorten the input or build the model with a larger max_len")
+            raise ValueError(
+                f"sequence of {length} tokens exceeds this model's max_len={limit}; "
+                "shorten the input or build the model with a larger max_len"
+            )
 
     def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         x = self.embed(ids)
@@ -96,15 +103,18 @@ class LanguageModel(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return ModelState([b.init_state(batch, device=device, dtype=dtype) for b in self.blocks])
 
-    def forward(self, ids: torch.Tensor, state: ModelState | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+    def forward(
+        self, ids: torch.Tensor, state: ModelState | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
         """Parallel forward over ``ids`` [B, T] (continuing from ``state`` if given).
 
         ``mask`` [B, T] is the oracle write mask, passed only to mixers that accept one.
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError(f"ids must have shape [batch, seq], got "
-                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids}")
+            raise ValueError(
+                f"ids must have shape [batch, seq], got "
+                f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids}"
+            )
         pos = state.pos if state is not None else 0
         self._check_ids(ids, pos)
         x = self._embed(ids, pos)
@@ -116,12 +126,14 @@ class LanguageModel(nn.Module):
         return self._logits(x), ModelState(new_states, pos + ids.shape[1])
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor | None = None, state: ModelState | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
         return self.forward(ids, state, mask)
 
-    def step(self, ids_t: torch.Tensor, state: ModelState,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+    def step(
+        self, ids_t: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
         """One decode step: ``ids_t`` [B] → logits [B, V]."""
         if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
             raise ValueError("step takes one token per batch row: ids_t of shape [batch]")
@@ -136,9 +148,16 @@ class LanguageModel(nn.Module):
         return self._logits(x), ModelState(new_states, state.pos + 1)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Prefill ``ids`` [B, T] then decode ``max_new_tokens`` with ``step``.
 
         Greedy when ``temperature == 0``. Returns [B, T + max_new_tokens]. The state used is
@@ -156,8 +175,12 @@ class LanguageModel(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Greedy (``temperature == 0``) or temperature/top-k sampling of [B, V] logits."""
     if temperature <= 0:
         return logits.argmax(-1)

@@ -6,8 +6,9 @@ from kvfree.models.config import ModelConfig
 
 
 def _tiny(layers: list[str], **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=kw.pop("vocab_size", 256), d_model=kw.pop("d_model", 64),
-                       layers=layers, **kw)
+    return ModelConfig(
+        vocab_size=kw.pop("vocab_size", 256), d_model=kw.pop("d_model", 64), layers=layers, **kw
+    )
 
 
 PRESETS = {

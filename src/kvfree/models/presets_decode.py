@@ -42,18 +42,28 @@ def _decode(layers: list[str], **options) -> ModelConfig:
 PRESETS = {
     "decode-attention": lambda: _decode(["attention"] * L, attention=dict(num_heads=4)),
     "decode-swa": lambda: _decode(["attention"] * L, attention=dict(num_heads=4, window=128)),
-    "decode-mamba2": lambda: _decode(["mamba2"] * L, mamba2=dict(expand=2, head_dim=64,
-                                                                 d_state=64)),
+    "decode-mamba2": lambda: _decode(
+        ["mamba2"] * L, mamba2=dict(expand=2, head_dim=64, d_state=64)
+    ),
     "decode-gdn": lambda: _decode(["gated_deltanet"] * L, gated_deltanet=dict(HEADS)),
     "decode-deltanet": lambda: _decode(["deltanet"] * L, deltanet=dict(HEADS)),
     "decode-mesanet": lambda: _decode(["mesanet"] * L, mesanet=dict(HEADS)),
-    "decode-echo": lambda: _decode(["mamba2", "ska", "ska", "mamba2"],
-                                   mamba2=dict(expand=2, head_dim=64, d_state=64),
-                                   ska=dict(num_heads=4, head_dim=64, rank=32, mode="chunk")),
+    "decode-echo": lambda: _decode(
+        ["mamba2", "ska", "ska", "mamba2"],
+        mamba2=dict(expand=2, head_dim=64, d_state=64),
+        ska=dict(num_heads=4, head_dim=64, rank=32, mode="chunk"),
+    ),
     "decode-fdm": lambda: _decode(["fdm"] * L, fdm=dict(window=256, top_k=16, d_ff=D_FF)),
     "decode-transformer-576": lambda: ModelConfig(
-        vocab_size=100_277, d_model=576, layers=["attention"] * 12,
-        mixer_options={"attention": {"num_heads": 8, "positions": "none"}}, mlp="gelu",
-        d_ff=2304, norm="layer", pos_emb="learned", max_len=1040),
+        vocab_size=100_277,
+        d_model=576,
+        layers=["attention"] * 12,
+        mixer_options={"attention": {"num_heads": 8, "positions": "none"}},
+        mlp="gelu",
+        d_ff=2304,
+        norm="layer",
+        pos_emb="learned",
+        max_len=1040,
+    ),
     "decode-linear": lambda: _decode(["linear_attention"] * L, linear_attention=dict(HEADS)),
 }

@@ -29,27 +29,40 @@ def echo_ssm_1m() -> ModelConfig:
 
 
 def echo_ssm_attn_1m() -> ModelConfig:
-    return ModelConfig(layers=["mamba2", "mamba2", "attention", "attention"],
-                       mixer_options={"mamba2": _MAMBA_1M,
-                                      "attention": dict(num_heads=4, positions="rope")},
-                       **_SMALL)
+    return ModelConfig(
+        layers=["mamba2", "mamba2", "attention", "attention"],
+        mixer_options={"mamba2": _MAMBA_1M, "attention": dict(num_heads=4, positions="rope")},
+        **_SMALL,
+    )
 
 
 def echo_ssm_ska_1m() -> ModelConfig:
     """SKA (r = 24, 4 heads, chunk 16, K = 2) at layers {2, 3}."""
-    return ModelConfig(layers=["mamba2", "mamba2", "ska", "ska"],
-                       mixer_options={"mamba2": _MAMBA_1M, "ska": _SKA_1M}, **_SMALL)
+    return ModelConfig(
+        layers=["mamba2", "mamba2", "ska", "ska"],
+        mixer_options={"mamba2": _MAMBA_1M, "ska": _SKA_1M},
+        **_SMALL,
+    )
 
 
 # ----- language models (paper §3.4, §4.3; ska.md §13.2) -------------------------------------
-def _echo_lm(d: int, n_layers: int, ska_at: tuple[int, ...], rank: int, heads: int,
-             d_state: int) -> ModelConfig:
+def _echo_lm(
+    d: int, n_layers: int, ska_at: tuple[int, ...], rank: int, heads: int, d_state: int
+) -> ModelConfig:
     layers = ["ska" if i in ska_at else "mamba2" for i in range(n_layers)]
     return ModelConfig(
-        vocab_size=32000, d_model=d, layers=layers, mlp="koopman", tie_embeddings=True,
-        mixer_options={"mamba2": dict(expand=2, head_dim=64, d_state=d_state, d_conv=4),
-                       "ska": dict(num_heads=heads, rank=rank, head_dim=64, chunk_size=64,
-                                   K=2, eps=1e-3, mode="chunk")})
+        vocab_size=32000,
+        d_model=d,
+        layers=layers,
+        mlp="koopman",
+        tie_embeddings=True,
+        mixer_options={
+            "mamba2": dict(expand=2, head_dim=64, d_state=d_state, d_conv=4),
+            "ska": dict(
+                num_heads=heads, rank=rank, head_dim=64, chunk_size=64, K=2, eps=1e-3, mode="chunk"
+            ),
+        },
+    )
 
 
 def echo_50m() -> ModelConfig:
@@ -72,14 +85,20 @@ def echo_recall_ska(mode: str = "token") -> ModelConfig:
     (oracle-mask) variant normalises by the sequence max as the paper does for MQAR (§3);
     causal modes must use ℓ2."""
     norm = "seqmax" if mode == "prefix" else "l2"
-    return ModelConfig(layers=["mamba2", "ska"], mixer_options={
-        "mamba2": _MAMBA_RECALL,
-        "ska": dict(num_heads=4, rank=16, chunk_size=16, mode=mode, norm=norm)}, **_RECALL)
+    return ModelConfig(
+        layers=["mamba2", "ska"],
+        mixer_options={
+            "mamba2": _MAMBA_RECALL,
+            "ska": dict(num_heads=4, rank=16, chunk_size=16, mode=mode, norm=norm),
+        },
+        **_RECALL,
+    )
 
 
 def echo_recall_mamba2() -> ModelConfig:
-    return ModelConfig(layers=["mamba2", "mamba2"], mixer_options={"mamba2": _MAMBA_RECALL},
-                       **_RECALL)
+    return ModelConfig(
+        layers=["mamba2", "mamba2"], mixer_options={"mamba2": _MAMBA_RECALL}, **_RECALL
+    )
 
 
 PRESETS = {
@@ -105,21 +124,37 @@ PAPER_PARAMS = {
 #: Presets whose count differs from the paper by more than 2 %: (lowest, highest) accepted
 #: ratio ours/paper, and why.
 DEVIATIONS: dict[str, tuple[float, float, str]] = {
-    "echo-ssm-1m": (0.92, 0.93, (
-        "The paper gives totals only. With mamba_ssm-layout Mamba-2 (expand 2, head_dim 64, "
-        "d_state 16: 104.6K per layer) and SwiGLU d_ff 384 all three sub-million models come "
-        "out low by a near-constant amount: 84K here, 50K for the 2-Mamba models, i.e. about "
-        "17K per Mamba-2 layer plus about 16.5K shared (one 128×128 matrix, e.g. an untied "
-        "head). The paper's exact Mamba-2 variant (it cites the Mamba-3 paper for the "
-        "backbone) and MLP (configs/1m.yaml says mlp_gated: false next to 'SwiGLU MLPs') are "
-        "not published; the ordering SSM > SSM+Attn > SSM+SKA is reproduced.")),
-    "echo-ssm-attn-1m": (0.945, 0.955, "Same cause as echo-ssm-1m (≈50K = 2 Mamba-2 layers "
-                                       "× 17K + 16.5K shared)."),
-    "echo-ssm-ska-1m": (0.945, 0.955, "Same cause as echo-ssm-1m (≈50K = 2 Mamba-2 layers "
-                                      "× 17K + 16.5K shared)."),
-    "echo-180m": (1.035, 1.045, (
-        "'180M' is the paper's nominal label; the repository's TRAINING.md quotes about 191M "
-        "for the same configuration (d 768, 24 layers, SKA r 48 at {8, 16}, d_state 128, "
-        "Koopman MLP d_k 2048, vocab 32000). Ours, 187.1M, lies between the two (+3.9 % / "
-        "−2.0 %); r = 56 (paper §6.2) would add 0.3M.")),
+    "echo-ssm-1m": (
+        0.92,
+        0.93,
+        (
+            "The paper gives totals only. With mamba_ssm-layout Mamba-2 (expand 2, head_dim 64, "
+            "d_state 16: 104.6K per layer) and SwiGLU d_ff 384 all three sub-million models come "
+            "out low by a near-constant amount: 84K here, 50K for the 2-Mamba models, i.e. about "
+            "17K per Mamba-2 layer plus about 16.5K shared (one 128×128 matrix, e.g. an untied "
+            "head). The paper's exact Mamba-2 variant (it cites the Mamba-3 paper for the "
+            "backbone) and MLP (configs/1m.yaml says mlp_gated: false next to 'SwiGLU MLPs') are "
+            "not published; the ordering SSM > SSM+Attn > SSM+SKA is reproduced."
+        ),
+    ),
+    "echo-ssm-attn-1m": (
+        0.945,
+        0.955,
+        "Same cause as echo-ssm-1m (≈50K = 2 Mamba-2 layers × 17K + 16.5K shared).",
+    ),
+    "echo-ssm-ska-1m": (
+        0.945,
+        0.955,
+        "Same cause as echo-ssm-1m (≈50K = 2 Mamba-2 layers × 17K + 16.5K shared).",
+    ),
+    "echo-180m": (
+        1.035,
+        1.045,
+        (
+            "'180M' is the paper's nominal label; the repository's TRAINING.md quotes about 191M "
+            "for the same configuration (d 768, 24 layers, SKA r 48 at {8, 16}, d_state 128, "
+            "Koopman MLP d_k 2048, vocab 32000). Ours, 187.1M, lies between the two (+3.9 % / "
+            "−2.0 %); r = 56 (paper §6.2) would add 0.3M."
+        ),
+    ),
 }

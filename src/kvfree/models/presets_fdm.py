@@ -34,32 +34,70 @@ PAPER_PARAMS = {
 }
 
 
-def _fdm_lm(d: int, layers: int, window: int, top_k: int, *, vocab: int, max_len: int,
-            dropout: float = 0.0, **opts) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, d_model=d, layers=["fdm"] * layers,
-                       mixer_options={"fdm": {"variant": "lm", "window": window,
-                                              "top_k": top_k, "dropout": dropout, **opts}},
-                       norm="layer", pos_emb="learned", max_len=max_len, dropout=dropout)
+def _fdm_lm(
+    d: int,
+    layers: int,
+    window: int,
+    top_k: int,
+    *,
+    vocab: int,
+    max_len: int,
+    dropout: float = 0.0,
+    **opts,
+) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=d,
+        layers=["fdm"] * layers,
+        mixer_options={
+            "fdm": {"variant": "lm", "window": window, "top_k": top_k, "dropout": dropout, **opts}
+        },
+        norm="layer",
+        pos_emb="learned",
+        max_len=max_len,
+        dropout=dropout,
+    )
 
 
 def _mqar_fdm(k: int) -> ModelConfig:
     opts = {"variant": "scan_only"} if k == 0 else {"variant": "mqar", "top_k": k}
-    return ModelConfig(vocab_size=MQAR_VOCAB, d_model=64, layers=["fdm", "fdm"],
-                       mixer_options={"fdm": opts}, norm="layer", **MQAR_INIT)
+    return ModelConfig(
+        vocab_size=MQAR_VOCAB,
+        d_model=64,
+        layers=["fdm", "fdm"],
+        mixer_options={"fdm": opts},
+        norm="layer",
+        **MQAR_INIT,
+    )
 
 
 def _mqar_transformer(positions: str) -> ModelConfig:
-    return ModelConfig(vocab_size=MQAR_VOCAB, d_model=64, layers=["attention", "attention"],
-                       mixer_options={"attention": {"num_heads": 4, "positions": positions}},
-                       mlp="gelu", d_ff=256, norm="layer", **MQAR_INIT)
+    return ModelConfig(
+        vocab_size=MQAR_VOCAB,
+        d_model=64,
+        layers=["attention", "attention"],
+        mixer_options={"attention": {"num_heads": 4, "positions": positions}},
+        mlp="gelu",
+        d_ff=256,
+        norm="layer",
+        **MQAR_INIT,
+    )
 
 
 PRESETS = {
     "fdm-137m": lambda: _fdm_lm(576, 12, 256, 16, vocab=CL100K, max_len=1040, dropout=0.1),
     "fdm-137m-transformer": lambda: ModelConfig(
-        vocab_size=CL100K, d_model=576, layers=["attention"] * 20,
-        mixer_options={"attention": {"num_heads": 8, "positions": "none"}}, mlp="gelu",
-        d_ff=2304, norm="layer", pos_emb="learned", max_len=1040, dropout=0.1),
+        vocab_size=CL100K,
+        d_model=576,
+        layers=["attention"] * 20,
+        mixer_options={"attention": {"num_heads": 8, "positions": "none"}},
+        mlp="gelu",
+        d_ff=2304,
+        norm="layer",
+        pos_emb="learned",
+        max_len=1040,
+        dropout=0.1,
+    ),
     "fdm-mqar-k0": lambda: _mqar_fdm(0),
     "fdm-mqar-k4": lambda: _mqar_fdm(4),
     "fdm-mqar-k8": lambda: _mqar_fdm(8),

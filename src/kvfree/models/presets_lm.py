@@ -23,13 +23,20 @@ _SKA = dict(num_heads=4, rank=24, chunk_size=16, K=2, eps=1e-3, mode="chunk")
 
 
 def _lm(layers: list[str], **options) -> ModelConfig:
-    return ModelConfig(vocab_size=256, d_model=_D, layers=layers, mixer_options=options,
-                       mlp="swiglu", tie_embeddings=True)
+    return ModelConfig(
+        vocab_size=256,
+        d_model=_D,
+        layers=layers,
+        mixer_options=options,
+        mlp="swiglu",
+        tie_embeddings=True,
+    )
 
 
 PRESETS = {
-    "lm-transformer": lambda: _lm(["attention"] * _N,
-                                  attention=dict(num_heads=3, positions="rope")),
+    "lm-transformer": lambda: _lm(
+        ["attention"] * _N, attention=dict(num_heads=3, positions="rope")
+    ),
     "lm-mamba2": lambda: _lm(["mamba2"] * _N, mamba2=_MAMBA),
     "lm-echo": lambda: _lm(["mamba2", "ska"] * (_N // 2), mamba2=_MAMBA, ska=_SKA),
 }

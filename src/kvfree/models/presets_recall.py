@@ -35,30 +35,43 @@ _SKA = dict(num_heads=4, rank=16, chunk_size=16)
 
 
 def _cfg(layers: list[str], **options) -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, d_model=D, layers=layers, mixer_options=options,
-                       init_std=INIT_STD)
+    return ModelConfig(
+        vocab_size=VOCAB, d_model=D, layers=layers, mixer_options=options, init_std=INIT_STD
+    )
 
 
 PRESETS = {
-    "recall-attention": lambda: _cfg(["attention", "attention"],
-                                     attention=dict(num_heads=2, positions="rope")),
+    "recall-attention": lambda: _cfg(
+        ["attention", "attention"], attention=dict(num_heads=2, positions="rope")
+    ),
     "recall-mamba2": lambda: _cfg(["mamba2", "mamba2"], mamba2=_MAMBA),
-    "recall-gdn": lambda: _cfg(["gated_deltanet", "gated_deltanet"],
-                               gated_deltanet=dict(num_heads=2)),
-    "recall-mamba2-ska": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
-                                      ska=dict(_SKA, mode="chunk", beta_gate=True)),
-    "recall-mamba2-ska-token": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
-                                            ska=dict(_SKA, mode="token")),
-    "recall-mamba2-ska-prefix": lambda: _cfg(["mamba2", "ska"], mamba2=_MAMBA,
-                                             ska=dict(_SKA, mode="prefix", norm="seqmax")),
-    "recall-fdm": lambda: ModelConfig(vocab_size=VOCAB, d_model=D, layers=["fdm", "fdm"],
-                                      mixer_options={"fdm": {"variant": "mqar", "top_k": 16}},
-                                      norm="layer", init_std=INIT_STD),
+    "recall-gdn": lambda: _cfg(
+        ["gated_deltanet", "gated_deltanet"], gated_deltanet=dict(num_heads=2)
+    ),
+    "recall-mamba2-ska": lambda: _cfg(
+        ["mamba2", "ska"], mamba2=_MAMBA, ska=dict(_SKA, mode="chunk", beta_gate=True)
+    ),
+    "recall-mamba2-ska-token": lambda: _cfg(
+        ["mamba2", "ska"], mamba2=_MAMBA, ska=dict(_SKA, mode="token")
+    ),
+    "recall-mamba2-ska-prefix": lambda: _cfg(
+        ["mamba2", "ska"], mamba2=_MAMBA, ska=dict(_SKA, mode="prefix", norm="seqmax")
+    ),
+    "recall-fdm": lambda: ModelConfig(
+        vocab_size=VOCAB,
+        d_model=D,
+        layers=["fdm", "fdm"],
+        mixer_options={"fdm": {"variant": "mqar", "top_k": 16}},
+        norm="layer",
+        init_std=INIT_STD,
+    ),
 }
 
 
 def oracle_mask(cfg: ModelConfig) -> bool:
     """True when a layer is SKA in ``prefix``/``masked`` mode: it must be fed the task's
     oracle prefix mask (reported separately, labelled, ska.md §16)."""
-    return any(name == "ska" and cfg.options_for(i).get("mode") in ("prefix", "masked")
-               for i, name in enumerate(cfg.layers))
+    return any(
+        name == "ska" and cfg.options_for(i).get("mode") in ("prefix", "masked")
+        for i, name in enumerate(cfg.layers)
+    )

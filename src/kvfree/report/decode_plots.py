@@ -64,6 +64,5 @@ def plot_latency(rows: list[dict], path: str | Path) -> Path:
         med = [r["decode_ms_median"] for r in rs]
         lo = [m - r["decode_ms_p10"] for m, r in zip(med, rs)]
         hi = [r["decode_ms_p90"] - m for m, r in zip(med, rs)]
-        ax.errorbar(n, med, yerr=[lo, hi], fmt="o-", color=f"C{i % 10}", capsize=2,
-                    label=model)
+        ax.errorbar(n, med, yerr=[lo, hi], fmt="o-", color=f"C{i % 10}", capsize=2, label=model)
     return _save(plt, fig, ax, path, "Per-token decode latency (median, p10–p90)", "ms / token")

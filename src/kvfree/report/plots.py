@@ -1,8 +1,8 @@
 """PNG plots from result records (matplotlib with the Agg backend, imported lazily).
 
-    capacity_plot(rows, path)          accuracy vs N/d, one panel per (ρ, d), a line per method
-    heatmap(grid, rows, cols, path)    accuracy over gap × pairs for one model
-    accuracy_vs_state(points, path)    the field's standard plot: accuracy vs state bytes (log x)
+capacity_plot(rows, path)          accuracy vs N/d, one panel per (ρ, d), a line per method
+heatmap(grid, rows, cols, path)    accuracy over gap × pairs for one model
+accuracy_vs_state(points, path)    the field's standard plot: accuracy vs state bytes (log x)
 """
 
 from __future__ import annotations
@@ -33,16 +33,20 @@ def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
     dims = sorted({r["d"] for r in rows})
     rhos = sorted({r["rho"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(len(rhos), len(dims), figsize=(4 * len(dims), 3 * len(rhos)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(rhos), len(dims), figsize=(4 * len(dims), 3 * len(rhos)), squeeze=False, sharey=True
+    )
     for i, rho in enumerate(rhos):
         for j, d in enumerate(dims):
             ax = axes[i][j]
             for m in methods:
-                sel = sorted((r for r in rows if r["d"] == d and r["rho"] == rho
-                              and r["method"] == m), key=lambda r: r["ratio"])
-                ax.plot([r["ratio"] for r in sel], [r[metric] for r in sel], marker="o", ms=3,
-                        label=m)
+                sel = sorted(
+                    (r for r in rows if r["d"] == d and r["rho"] == rho and r["method"] == m),
+                    key=lambda r: r["ratio"],
+                )
+                ax.plot(
+                    [r["ratio"] for r in sel], [r[metric] for r in sel], marker="o", ms=3, label=m
+                )
             ax.set_xscale("log", base=2)
             ax.set_title(f"d = {d}, ρ = {rho}", fontsize=9)
             ax.set_ylim(-0.02, 1.02)
@@ -58,8 +62,16 @@ def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
     return out
 
 
-def heatmap(values: dict[tuple, float], row_keys: list, col_keys: list, path, *, title: str,
-            row_label: str, col_label: str) -> Path:
+def heatmap(
+    values: dict[tuple, float],
+    row_keys: list,
+    col_keys: list,
+    path,
+    *,
+    title: str,
+    row_label: str,
+    col_label: str,
+) -> Path:
     """``values[(row, col)]`` → colour; missing cells are blank."""
     import numpy as np
 
@@ -78,8 +90,15 @@ def heatmap(values: dict[tuple, float], row_keys: list, col_keys: list, path, *,
     for i in range(len(row_keys)):
         for j in range(len(col_keys)):
             if grid[i, j] == grid[i, j]:
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if grid[i, j] < 0.6 else "black",
+                )
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title, fontsize=9)
     out = _save(fig, path)
@@ -93,8 +112,9 @@ def accuracy_vs_state(points: list[dict], path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(p["model"] for p in points):
         sel = sorted((p for p in points if p["model"] == model), key=lambda p: p["state_bytes"])
-        ax.plot([p["state_bytes"] for p in sel], [p["accuracy"] for p in sel], marker="o",
-                label=model)
+        ax.plot(
+            [p["state_bytes"] for p in sel], [p["accuracy"] for p in sel], marker="o", label=model
+        )
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("state bytes (fp32, at the longest evaluated length)")

@@ -24,8 +24,9 @@ def fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None,
-                   headers: Sequence[str] | None = None) -> str:
+def markdown_table(
+    rows: Sequence[dict], columns: Sequence[str] | None = None, headers: Sequence[str] | None = None
+) -> str:
     columns = list(columns or (rows[0].keys() if rows else []))
     headers = list(headers or columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

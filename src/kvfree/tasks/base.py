@@ -52,8 +52,10 @@ def seed_split(seed: int) -> str:
     for name, (lo, hi) in _SPLITS.items():
         if lo <= seed < hi:
             return name
-    raise ValueError(f"seed {seed} is outside [0, 2**32): train seeds are in [0, 2**31), "
-                     "test seeds in [2**31, 2**32)")
+    raise ValueError(
+        f"seed {seed} is outside [0, 2**32): train seeds are in [0, 2**31), "
+        "test seeds in [2**31, 2**32)"
+    )
 
 
 def check_seed(seed: int, split: str | None = None) -> int:
@@ -63,8 +65,10 @@ def check_seed(seed: int, split: str | None = None) -> int:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if split is not None and got != split:
         lo, hi = _SPLITS[split]
-        raise ValueError(f"seed {seed} is a {got} seed but a {split} seed was asked for: "
-                         f"{split} seeds lie in [{lo}, {hi})")
+        raise ValueError(
+            f"seed {seed} is a {got} seed but a {split} seed was asked for: "
+            f"{split} seeds lie in [{lo}, {hi})"
+        )
     return int(seed)
 
 
@@ -153,16 +157,19 @@ class TaskData:
         self.inputs = np.asarray(self.inputs, dtype=np.int64)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.inputs.ndim != 2 or self.inputs.shape != self.labels.shape:
-            raise ValueError(f"inputs and labels must both be [N, L], got {self.inputs.shape} "
-                             f"and {self.labels.shape}")
+            raise ValueError(
+                f"inputs and labels must both be [N, L], got {self.inputs.shape} "
+                f"and {self.labels.shape}"
+            )
         n, length = self.inputs.shape
         for name, col in list(self.slices.items()):
             col = np.asarray(col)
             if col.ndim == 0:
                 col = np.full(n, col.item())
             if col.shape != (n,):
-                raise ValueError(f"slice {name!r} must have one value per example ({n}), "
-                                 f"got shape {col.shape}")
+                raise ValueError(
+                    f"slice {name!r} must have one value per example ({n}), got shape {col.shape}"
+                )
             self.slices[name] = col
         for name, m in list(self.masks.items()):
             m = np.asarray(m, dtype=np.uint8)
@@ -189,21 +196,29 @@ class TaskData:
     # ----- selection and batching
     def subset(self, idx) -> TaskData:
         idx = np.asarray(idx)
-        return TaskData(self.inputs[idx], self.labels[idx],
-                        {k: v[idx] for k, v in self.slices.items()},
-                        {k: v[idx] for k, v in self.masks.items()}, dict(self.meta))
+        return TaskData(
+            self.inputs[idx],
+            self.labels[idx],
+            {k: v[idx] for k, v in self.slices.items()},
+            {k: v[idx] for k, v in self.masks.items()},
+            dict(self.meta),
+        )
 
     def batch(self, idx=None, *, mask: str | None = None, device=None) -> dict:
         """A trainer batch: {"inputs", "labels"[, "mask"]} as torch int64 / float tensors."""
         import torch
 
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
-        out = {"inputs": torch.from_numpy(self.inputs[idx]),
-               "labels": torch.from_numpy(self.labels[idx])}
+        out = {
+            "inputs": torch.from_numpy(self.inputs[idx]),
+            "labels": torch.from_numpy(self.labels[idx]),
+        }
         if mask is not None:
             if mask not in self.masks:
-                raise KeyError(f"task {self.meta.get('task')!r} has no {mask!r} mask; it has "
-                               f"{sorted(self.masks) or 'none'}")
+                raise KeyError(
+                    f"task {self.meta.get('task')!r} has no {mask!r} mask; it has "
+                    f"{sorted(self.masks) or 'none'}"
+                )
             out["mask"] = torch.from_numpy(self.masks[mask][idx].astype(np.float32))
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
@@ -247,7 +262,8 @@ class TaskData:
             np.concatenate([pad(p.labels, IGNORE) for p in parts]),
             {k: np.concatenate([p.slices[k] for p in parts]) for k in sorted(names)},
             {k: np.concatenate([pad(p.masks[k], 0) for p in parts]) for k in sorted(masks)},
-            meta)
+            meta,
+        )
 
 
 def example_accuracy(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -317,10 +333,20 @@ def make(name: str, seed: int, **options) -> TaskData:
     return data
 
 
-def finish(name: str, cfg, seed: int, inputs, labels, slices, masks=None, *,
-           vocab_size: int) -> TaskData:
+def finish(
+    name: str, cfg, seed: int, inputs, labels, slices, masks=None, *, vocab_size: int
+) -> TaskData:
     """Helper for generators: wrap arrays into a :class:`TaskData` with standard meta."""
     slices = {"task": np.full(len(inputs), name), **slices}
-    return TaskData(inputs, labels, slices, masks or {},
-                    {"task": name, "vocab_size": int(vocab_size), "seed": int(seed),
-                     "config": dataclasses.asdict(cfg)})
+    return TaskData(
+        inputs,
+        labels,
+        slices,
+        masks or {},
+        {
+            "task": name,
+            "vocab_size": int(vocab_size),
+            "seed": int(seed),
+            "config": dataclasses.asdict(cfg),
+        },
+    )

@@ -55,9 +55,18 @@ def generate(cfg: Config, seed: int):
     bag = np.concatenate([np.repeat(words[:, :1], REPEATS, 1), words[:, 1:]], 1)  # [N, n + 2]
     bag = np.take_along_axis(bag, random_permutations(rng, N, bag.shape[1]), 1)
     tail = np.stack([np.full(N, CNT), words[:, 0]], 1)
-    inputs, _ = place_records(rng, bag[:, :, None], np.ones(bag.shape, np.int64), tail,
-                              np.full(N, L))
+    inputs, _ = place_records(
+        rng, bag[:, :, None], np.ones(bag.shape, np.int64), tail, np.full(N, L)
+    )
     labels = np.full((N, L), IGNORE, np.int64)
     labels[:, L - 2] = words[:, 0]
-    return finish("commonword", cfg, seed, inputs, labels, {"seq_len": L, "n": n},
-                  {"prefix": prefix_before(np.full(N, L - 2), L)}, vocab_size=VOCAB)
+    return finish(
+        "commonword",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        {"seq_len": L, "n": n},
+        {"prefix": prefix_before(np.full(N, L - 2), L)},
+        vocab_size=VOCAB,
+    )

@@ -43,11 +43,14 @@ def generate(cfg: Config, seed: int):
     if not 1 <= n <= N_KEYS:
         raise ValueError(f"num_kv_pairs must be in [1, {N_KEYS}] (keys are distinct), got {n}")
     if not 1 <= q <= n:
-        raise ValueError(f"num_queries must be in [1, num_kv_pairs={n}] (queried keys are "
-                         f"distinct), got {q}")
+        raise ValueError(
+            f"num_queries must be in [1, num_kv_pairs={n}] (queried keys are distinct), got {q}"
+        )
     if 2 * n + 2 * q > L:
-        raise ValueError(f"seq_len={L} is too short for {n} pairs and {q} queries: need at "
-                         f"least 2·{n} + 2·{q} = {2 * n + 2 * q}")
+        raise ValueError(
+            f"seq_len={L} is too short for {n} pairs and {q} queries: need at "
+            f"least 2·{n} + 2·{q} = {2 * n + 2 * q}"
+        )
     if N < 0:
         raise ValueError(f"num_examples must be >= 0, got {N}")
     rng = make_rng(seed)
@@ -60,6 +63,6 @@ def generate(cfg: Config, seed: int):
     pad = np.full((N, L - 2 * n - 2 * q), PAD, np.int64)
     inputs = np.concatenate([ctx, queries, pad], 1)
     labels = np.full((N, L), IGNORE, np.int64)
-    labels[:, 2 * n + 1: 2 * n + 2 * q: 2] = qv
+    labels[:, 2 * n + 1 : 2 * n + 2 * q : 2] = qv
     slices = {"seq_len": L, "num_kv_pairs": n, "num_queries": q}
     return finish("fdm_mqar", cfg, seed, inputs, labels, slices, vocab_size=VOCAB)

@@ -62,8 +62,10 @@ def _check(cfg: Config) -> None:
     if V <= L:
         raise ValueError(f"vocab_size ({V}) must exceed input_seq_len ({L}), as in zoology")
     if K < 1 or P < 1 or 2 * K * P + 2 * K > L:
-        raise ValueError(f"need K ≥ 1, P ≥ 1 and 2KP + 2K ≤ L; got K={K}, P={P}, L={L}: "
-                         "use fewer pairs or a longer sequence")
+        raise ValueError(
+            f"need K ≥ 1, P ≥ 1 and 2KP + 2K ≤ L; got K={K}, P={P}, L={L}: "
+            "use fewer pairs or a longer sequence"
+        )
     if K > V // 2 - 1:
         raise ValueError(f"{K} distinct keys do not fit in [1, {V // 2})")
     if not cfg.power_a > 0:
@@ -129,8 +131,7 @@ def generate(cfg: Config, seed: int):
         else:
             fill = rng.integers(0, V, inputs.shape)
         inputs[empty] = fill[empty]
-    slices = {"input_seq_len": cfg.input_seq_len, "num_kv_pairs": K,
-              "num_passes": cfg.num_passes}
+    slices = {"input_seq_len": cfg.input_seq_len, "num_kv_pairs": K, "num_passes": cfg.num_passes}
     return finish("mqar", cfg, seed, inputs, labels, slices, vocab_size=V)
 
 
@@ -139,10 +140,22 @@ def generate(cfg: Config, seed: int):
 
 GRIDS = {
     "based": {
-        "train": [(64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000),
-                  (256, 64, 20_000)],
-        "test": [(64, 4, 1000), (64, 8, 1000), (64, 16, 1000), (128, 32, 1000),
-                 (256, 64, 1000), (512, 128, 1000), (1024, 256, 1000)],
+        "train": [
+            (64, 4, 100_000),
+            (128, 8, 20_000),
+            (256, 16, 20_000),
+            (256, 32, 20_000),
+            (256, 64, 20_000),
+        ],
+        "test": [
+            (64, 4, 1000),
+            (64, 8, 1000),
+            (64, 16, 1000),
+            (128, 32, 1000),
+            (256, 64, 1000),
+            (512, 128, 1000),
+            (1024, 256, 1000),
+        ],
         "options": {"vocab_size": 8192, "random_non_queries": True},
         "lrs": [1e-3, 10**-2.5, 1e-2, 10**-1.5],
         "recipe": "batch 256 train / 32 test; 32 epochs",
@@ -151,7 +164,7 @@ GRIDS = {
         "train": [(64, 4, 100_000), (128, 8, 100_000), (256, 16, 100_000), (512, 64, 100_000)],
         "test": [(64, 4, 3000), (128, 8, 3000), (256, 16, 3000), (512, 64, 3000)],
         "options": {"vocab_size": 8192, "random_non_queries": False},
-        "lrs": [1e-4, 10**-(10 / 3), 10**-(8 / 3), 1e-2],
+        "lrs": [1e-4, 10 ** -(10 / 3), 10 ** -(8 / 3), 1e-2],
         "recipe": "batch 512 (L ≤ 128), 256 (256), 128 (512); 64 epochs; one (L, K) per run",
     },
 }
@@ -164,5 +177,7 @@ def grid_segments(grid: str, split: str) -> list[dict]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     g = GRIDS[grid]
-    return [{"input_seq_len": L, "num_kv_pairs": K, "num_examples": n, **g["options"]}
-            for L, K, n in g[split]]
+    return [
+        {"input_seq_len": L, "num_kv_pairs": K, "num_examples": n, **g["options"]}
+        for L, K, n in g[split]
+    ]

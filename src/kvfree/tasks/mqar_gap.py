@@ -69,5 +69,6 @@ def generate(cfg: Config, seed: int):
     prefix = np.zeros((n, L), np.uint8)
     prefix[:, :q0] = 1
     slices = {"num_kv_pairs": M, "gap": G, "seq_len": L}
-    return finish("mqar_gap", cfg, seed, inputs, labels, slices, {"prefix": prefix},
-                  vocab_size=VOCAB)
+    return finish(
+        "mqar_gap", cfg, seed, inputs, labels, slices, {"prefix": prefix}, vocab_size=VOCAB
+    )

@@ -1,9 +1,9 @@
 """MQAR in the suite's shared format, for zero-shot transfer (tasks.md §4.7) [project format].
 
-    layout   k₁ v₁ … k_n v_n (keys distinct from set A, values distinct), filler, then n
-             queries ``QRY k v`` in a uniformly random order
-    labels   each query's v on its k (n scored positions); minimum length 5n
-    masks    prefix = 1 before the first QRY
+layout   k₁ v₁ … k_n v_n (keys distinct from set A, values distinct), filler, then n
+         queries ``QRY k v`` in a uniformly random order
+labels   each query's v on its k (n scored positions); minimum length 5n
+masks    prefix = 1 before the first QRY
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def generate(cfg: Config, seed: int):
     inputs = np.concatenate([ctx, filler, queries], 1)
     q0 = L - 3 * n
     labels = np.full((N, L), IGNORE, np.int64)
-    labels[:, q0 + 1::3] = qv
-    return finish("mqar_transfer", cfg, seed, inputs, labels, {"seq_len": L, "n": n},
-                  {"prefix": prefix_before(np.full(N, q0), L)}, vocab_size=VOCAB)
+    labels[:, q0 + 1 :: 3] = qv
+    return finish(
+        "mqar_transfer",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        {"seq_len": L, "n": n},
+        {"prefix": prefix_before(np.full(N, q0), L)},
+        vocab_size=VOCAB,
+    )

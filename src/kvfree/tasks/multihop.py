@@ -61,11 +61,14 @@ def generate(cfg: Config, seed: int):
     if h < 2 or h > 7:
         raise ValueError(f"hops must be in [2, 7] (hop-count token 8 + h ≤ 15), got {h}")
     if n < 1 or n * (h - 1) > SET_SIZE or n > SET_SIZE:
-        raise ValueError(f"n={n} chains of {h} hops need n ≤ 32 and n·(h−1) ≤ 32 distinct "
-                         "intermediate keys")
+        raise ValueError(
+            f"n={n} chains of {h} hops need n ≤ 32 and n·(h−1) ≤ 32 distinct intermediate keys"
+        )
     if min_length(n, h) > L:
-        raise ValueError(f"multihop with n={n}, hops={h} needs seq_len ≥ {min_length(n, h)}, "
-                         f"got {L} (infeasible)")
+        raise ValueError(
+            f"multihop with n={n}, hops={h} needs seq_len ≥ {min_length(n, h)}, "
+            f"got {L} (infeasible)"
+        )
     rng = make_rng(seed)
     a = distinct_draws(rng, N, n, A_LO, A_LO + SET_SIZE)
     mids = distinct_draws(rng, N, n * (h - 1), B_LO, B_LO + SET_SIZE).reshape(N, n, h - 1)
@@ -80,6 +83,13 @@ def generate(cfg: Config, seed: int):
     inputs, _ = place_records(rng, records, np.full((N, n * h), 2), tail, np.full(N, L))
     labels = np.full((N, L), IGNORE, np.int64)
     labels[:, L - 2] = v[rows, j]
-    return finish("multihop", cfg, seed, inputs, labels, {"seq_len": L, "n": n, "hops": h},
-                  {"prefix": prefix_before(np.full(N, L - tail.shape[1]), L)},
-                  vocab_size=VOCAB)
+    return finish(
+        "multihop",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        {"seq_len": L, "n": n, "hops": h},
+        {"prefix": prefix_before(np.full(N, L - tail.shape[1]), L)},
+        vocab_size=VOCAB,
+    )

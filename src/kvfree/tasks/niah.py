@@ -60,5 +60,13 @@ def generate(cfg: Config, seed: int):
     labels[:, L - 2] = vals[rows, j]
     depth = np.minimum(9, (10 * starts[rows, j]) // (L - 3))
     slices = {"seq_len": L, "n": n, "depth": depth}
-    return finish("niah", cfg, seed, inputs, labels, slices,
-                  {"prefix": prefix_before(np.full(N, L - 3), L)}, vocab_size=VOCAB)
+    return finish(
+        "niah",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        slices,
+        {"prefix": prefix_before(np.full(N, L - 3), L)},
+        vocab_size=VOCAB,
+    )

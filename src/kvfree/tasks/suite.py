@@ -43,13 +43,20 @@ def compositions(rng: np.random.Generator, total: np.ndarray, parts: int) -> np.
     width = int(total.max()) + parts - 1
     noise = rng.random((n, width))
     noise[np.arange(width)[None, :] >= (total + parts - 1)[:, None]] = 2.0
-    cuts = np.sort(np.argpartition(noise, parts - 2, axis=1)[:, :parts - 1], axis=1)
+    cuts = np.sort(np.argpartition(noise, parts - 2, axis=1)[:, : parts - 1], axis=1)
     edges = np.concatenate([np.full((n, 1), -1), cuts, (total + parts - 1)[:, None]], 1)
     return np.diff(edges, axis=1) - 1
 
 
-def place_records(rng: np.random.Generator, records: np.ndarray, rec_len: np.ndarray,
-                  tail: np.ndarray, lengths: np.ndarray, *, filler=(FILLER_LO, FILLER_HI)):
+def place_records(
+    rng: np.random.Generator,
+    records: np.ndarray,
+    rec_len: np.ndarray,
+    tail: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    filler=(FILLER_LO, FILLER_HI),
+):
     """Lay out records with random filler between them, then the tail (the query).
 
     records [n, R, w] (padded), rec_len [n, R] (tokens used per record), tail [n, q],
@@ -64,7 +71,8 @@ def place_records(rng: np.random.Generator, records: np.ndarray, rec_len: np.nda
         raise ValueError("records and query do not fit in the requested length (infeasible)")
     gaps = compositions(rng, free, R + 1)  # [n, R + 1]
     starts = np.cumsum(gaps[:, :R], 1) + np.concatenate(
-        [np.zeros((n, 1), np.int64), np.cumsum(rec_len, 1)[:, :-1]], 1)  # [n, R]
+        [np.zeros((n, 1), np.int64), np.cumsum(rec_len, 1)[:, :-1]], 1
+    )  # [n, R]
     L = int(lengths.max())
     inputs = rng.integers(filler[0], filler[1], (n, L))
     inputs[np.arange(L)[None, :] >= lengths[:, None]] = PAD

@@ -71,8 +71,10 @@ def generate(cfg: Config, seed: int):
     if cfg.tier == "grid":
         n, decoy = cfg.n, cfg.decoy_prob or 0.0
         if cfg.seq_len < min_length(n):
-            raise ValueError(f"sysprompt with n={n} needs seq_len ≥ {min_length(n)}, got "
-                             f"{cfg.seq_len} (infeasible)")
+            raise ValueError(
+                f"sysprompt with n={n} needs seq_len ≥ {min_length(n)}, got "
+                f"{cfg.seq_len} (infeasible)"
+            )
         g = np.full(N, (cfg.seq_len - min_length(n)) // 2)
     else:
         n, lo, hi, decoy = TIERS[cfg.tier]
@@ -87,17 +89,24 @@ def generate(cfg: Config, seed: int):
     rows = np.arange(N)
     inputs = np.full((N, L), PAD, np.int64)
     inputs[:, 0], inputs[:, 2 * n + 1] = SYS, END
-    inputs[:, 1:2 * n + 1] = np.stack([keys, vals], -1).reshape(N, 2 * n)
+    inputs[:, 1 : 2 * n + 1] = np.stack([keys, vals], -1).reshape(N, 2 * n)
     # CoT scratchpad: G_max steps drawn, each row keeps its first g
     G = int(g.max())
-    steps = np.stack([rng.integers(ACT_LO, ACT_LO + N_ACTIONS, (N, G)),
-                      rng.integers(TGT_LO, TGT_LO + N_TARGETS, (N, G))], -1)  # [N, G, 2]
+    steps = np.stack(
+        [
+            rng.integers(ACT_LO, ACT_LO + N_ACTIONS, (N, G)),
+            rng.integers(TGT_LO, TGT_LO + N_TARGETS, (N, G)),
+        ],
+        -1,
+    )  # [N, G, 2]
     if decoy > 0:
         is_decoy = rng.random((N, G)) < decoy
         which = rng.integers(0, n, (N, G))
         # a wrong value: shift the true value by 1..31 within the value range
-        wrong = VAL_LO + (vals[rows[:, None], which] - VAL_LO
-                          + rng.integers(1, SET_SIZE, (N, G))) % SET_SIZE
+        wrong = (
+            VAL_LO
+            + (vals[rows[:, None], which] - VAL_LO + rng.integers(1, SET_SIZE, (N, G))) % SET_SIZE
+        )
         steps[is_decoy] = np.stack([keys[rows[:, None], which], wrong], -1)[is_decoy]
     body = steps.reshape(N, 2 * G)
     start = 2 * n + 2
@@ -112,7 +121,15 @@ def generate(cfg: Config, seed: int):
     labels = np.full((N, L), IGNORE, np.int64)
     labels[rows, q + 1] = vals[rows, j]
     action = np.zeros((N, L), np.uint8)
-    action[:, :2 * n + 2] = 1
+    action[:, : 2 * n + 2] = 1
     slices = {"seq_len": lengths, "n": n, "tier": cfg.tier, "gap": g}
-    return finish("sysprompt", cfg, seed, inputs, labels, slices,
-                  {"prefix": prefix_before(q, L), "action": action}, vocab_size=VOCAB)
+    return finish(
+        "sysprompt",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        slices,
+        {"prefix": prefix_before(q, L), "action": action},
+        vocab_size=VOCAB,
+    )

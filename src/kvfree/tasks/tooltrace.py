@@ -70,10 +70,12 @@ def generate(cfg: Config, seed: int):
     rng = make_rng(seed)
     if cfg.tier == "grid":
         if not 1 <= cfg.n <= SET_SIZE * SET_SIZE:
-            raise ValueError(f"n must be in [1, {SET_SIZE ** 2}], got {cfg.n}")
+            raise ValueError(f"n must be in [1, {SET_SIZE**2}], got {cfg.n}")
         if cfg.seq_len < min_length(cfg.n, cfg.delayed):
-            raise ValueError(f"tooltrace with n={cfg.n} (delayed={cfg.delayed}) needs seq_len ≥ "
-                             f"{min_length(cfg.n, cfg.delayed)}, got {cfg.seq_len} (infeasible)")
+            raise ValueError(
+                f"tooltrace with n={cfg.n} (delayed={cfg.delayed}) needs seq_len ≥ "
+                f"{min_length(cfg.n, cfg.delayed)}, got {cfg.seq_len} (infeasible)"
+            )
         calls = np.full(N, cfg.n)
     else:
         lo, hi, t_max = TIERS[cfg.tier]
@@ -106,8 +108,7 @@ def generate(cfg: Config, seed: int):
         length = np.concatenate([np.where(active, 3, 0), np.where(committed, 4, 0)], 1)
         records = np.take_along_axis(ev, order[:, :, None], 1)
         rec_len = np.take_along_axis(length, order, 1)
-        is_ret = np.take_along_axis(np.concatenate([np.zeros_like(active), committed], 1),
-                                    order, 1)
+        is_ret = np.take_along_axis(np.concatenate([np.zeros_like(active), committed], 1), order, 1)
         queryable = committed
     min_len = rec_len.sum(1) + 4
     if cfg.tier == "grid":
@@ -128,6 +129,13 @@ def generate(cfg: Config, seed: int):
     on = (np.arange(w)[None, None, :] < rec_len[:, :, None]) & (is_ret[:, :, None] > 0)
     action[np.broadcast_to(rows[:, None, None], pos.shape)[on], pos[on]] = 1
     slices = {"seq_len": lengths, "n": calls, "tier": cfg.tier, "delayed": cfg.delayed}
-    return finish("tooltrace", cfg, seed, inputs, labels, slices,
-                  {"prefix": prefix_before(lengths - 4, L), "action": action},
-                  vocab_size=VOCAB)
+    return finish(
+        "tooltrace",
+        cfg,
+        seed,
+        inputs,
+        labels,
+        slices,
+        {"prefix": prefix_before(lengths - 4, L), "action": action},
+        vocab_size=VOCAB,
+    )

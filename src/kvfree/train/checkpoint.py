@@ -41,9 +41,13 @@ def rng_state() -> dict[str, Any]:
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "gauss": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -54,8 +58,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -80,32 +85,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 path = cand
                 break
         else:
-            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; pass a "
-                                  "checkpoint file or a run folder trained with checkpoint_every>0")
+            raise CheckpointError(
+                f"{path} is a folder without checkpoints/last.pt; pass a "
+                "checkpoint file or a run folder trained with checkpoint_every>0"
+            )
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (a run folder "
-                              "keeps them under checkpoints/)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path (a run folder "
+            "keeps them under checkpoints/)"
+        )
     raw = path.read_bytes()
-    if len(raw) < len(MAGIC) + 32 or raw[:len(MAGIC)] != MAGIC:
-        raise CheckpointError(f"{path} is not a kvfree checkpoint (bad header, {len(raw)} bytes); "
-                              "it is truncated or another kind of file — use checkpoints/last.pt "
-                              "of a kvfree run, or retrain")
-    digest, data = raw[len(MAGIC):len(MAGIC) + 32], raw[len(MAGIC) + 32:]
+    if len(raw) < len(MAGIC) + 32 or raw[: len(MAGIC)] != MAGIC:
+        raise CheckpointError(
+            f"{path} is not a kvfree checkpoint (bad header, {len(raw)} bytes); "
+            "it is truncated or another kind of file — use checkpoints/last.pt "
+            "of a kvfree run, or retrain"
+        )
+    digest, data = raw[len(MAGIC) : len(MAGIC) + 32], raw[len(MAGIC) + 32 :]
     if hashlib.sha256(data).digest() != digest:
-        raise CheckpointError(f"{path} is corrupt or truncated (SHA-256 mismatch over "
-                              f"{len(data):,} payload bytes); delete it and resume from another "
-                              "checkpoint (e.g. checkpoints/best.pt) or retrain")
+        raise CheckpointError(
+            f"{path} is corrupt or truncated (SHA-256 mismatch over "
+            f"{len(data):,} payload bytes); delete it and resume from another "
+            "checkpoint (e.g. checkpoints/best.pt) or retrain"
+        )
     try:
         ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"{path} could not be unpickled ({type(e).__name__}: {e}); it was "
-                              "written by an incompatible version — retrain or convert it") from e
+        raise CheckpointError(
+            f"{path} could not be unpickled ({type(e).__name__}: {e}); it was "
+            "written by an incompatible version — retrain or convert it"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != "kvfree-checkpoint":
         raise CheckpointError(f"{path}: payload is not a kvfree checkpoint")
     if ckpt.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('version')}, this "
-                              f"kvfree reads version {FORMAT_VERSION}; use the matching kvfree "
-                              "version or retrain")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {ckpt.get('version')}, this "
+            f"kvfree reads version {FORMAT_VERSION}; use the matching kvfree "
+            "version or retrain"
+        )
     return ckpt
 
 

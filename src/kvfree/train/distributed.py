@@ -70,18 +70,26 @@ def shard_batch(batch: dict[str, Any], r: int, world: int) -> dict[str, Any]:
         return batch
     rows = batch["inputs"].shape[0]
     if rows % world:
-        raise ValueError(f"global batch of {rows} rows cannot be split evenly over {world} "
-                         f"processes; use a batch size divisible by {world}")
+        raise ValueError(
+            f"global batch of {rows} rows cannot be split evenly over {world} "
+            f"processes; use a batch size divisible by {world}"
+        )
     n = rows // world
-    return {k: v[r * n:(r + 1) * n] if isinstance(v, torch.Tensor) and v.dim() and
-            v.shape[0] == rows else v for k, v in batch.items()}
+    return {
+        k: v[r * n : (r + 1) * n]
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows
+        else v
+        for k, v in batch.items()
+    }
 
 
-def global_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
-                                                                          torch.Tensor]:
+def global_mean_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, global mean loss to report) for a data-parallel step."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                          reduction="sum")
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
     stats = torch.stack([nll.detach(), (labels != -100).sum().to(nll.dtype)])
     dist.all_reduce(stats)
     count = stats[1].clamp_min(1)

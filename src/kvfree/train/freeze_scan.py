@@ -22,8 +22,7 @@ from torch import nn
 from kvfree.train.optim import warmup_cosine
 from kvfree.train.trainer import Schedule
 
-WAVE_KEYS = ("W_theta", "W_r", "W_i", "W_beta", "givens_t", "givens_h", "delta_gate",
-             "causal_conv")
+WAVE_KEYS = ("W_theta", "W_r", "W_i", "W_beta", "givens_t", "givens_h", "delta_gate", "causal_conv")
 
 
 def is_wave_param(name: str) -> bool:
@@ -47,8 +46,10 @@ def freeze_wave(model: nn.Module) -> dict[str, int]:
     frozen / trainable / total parameter counts afterwards."""
     wave = wave_parameters(model)
     if not wave:
-        raise ValueError("freeze_wave: the model has no FDM wave parameters (names with "
-                         f"{', '.join(WAVE_KEYS)}); Freeze-Scan needs 'fdm' or 'fan' layers")
+        raise ValueError(
+            "freeze_wave: the model has no FDM wave parameters (names with "
+            f"{', '.join(WAVE_KEYS)}); Freeze-Scan needs 'fdm' or 'fan' layers"
+        )
     for _, p in wave:
         p.requires_grad_(False)
     return parameter_counts(model)
@@ -60,15 +61,23 @@ class FreezeScan(Schedule):
     cosine to ``min_lr_ratio`` over the remaining steps (``phase2_schedule="constant"``
     keeps it flat)."""
 
-    def __init__(self, phase1_steps: int, phase2_lr: float = 1e-4, *, phase2_warmup: int = 0,
-                 min_lr_ratio: float = 0.1, phase2_schedule: str = "cosine"):
+    def __init__(
+        self,
+        phase1_steps: int,
+        phase2_lr: float = 1e-4,
+        *,
+        phase2_warmup: int = 0,
+        min_lr_ratio: float = 0.1,
+        phase2_schedule: str = "cosine",
+    ):
         if phase1_steps < 0:
             raise ValueError(f"phase1_steps must be >= 0, got {phase1_steps}")
         if phase2_lr <= 0:
             raise ValueError(f"phase2_lr must be positive, got {phase2_lr}")
         if phase2_schedule not in ("cosine", "constant"):
-            raise ValueError(f"phase2_schedule must be 'cosine' or 'constant', got "
-                             f"{phase2_schedule!r}")
+            raise ValueError(
+                f"phase2_schedule must be 'cosine' or 'constant', got {phase2_schedule!r}"
+            )
         self.phase1_steps, self.phase2_lr = phase1_steps, phase2_lr
         self.phase2_warmup, self.min_lr_ratio = phase2_warmup, min_lr_ratio
         self.phase2_schedule = phase2_schedule
@@ -82,8 +91,7 @@ class FreezeScan(Schedule):
         if self.phase == 1 and trainer.step >= self.phase1_steps:
             self.phase, self.switched_at = 2, trainer.step
             self._freeze(trainer)
-        elif self.phase == 2 and any(p.requires_grad for _, p in
-                                     wave_parameters(trainer.model)):
+        elif self.phase == 2 and any(p.requires_grad for _, p in wave_parameters(trainer.model)):
             self._freeze(trainer)  # resumed from weights without the frozen flags
 
     def _freeze(self, trainer) -> None:
@@ -91,8 +99,14 @@ class FreezeScan(Schedule):
         trainer.rebuild_optimizer()
         log = getattr(trainer, "_log", None)
         if log is not None:
-            log({"step": trainer.step, "event": "freeze_scan_phase2",
-                 "frozen_params": trainer.frozen, "trainable_params": trainer.trainable})
+            log(
+                {
+                    "step": trainer.step,
+                    "event": "freeze_scan_phase2",
+                    "frozen_params": trainer.frozen,
+                    "trainable_params": trainer.trainable,
+                }
+            )
 
     def lr_at(self, step: int) -> float | None:
         if self.phase == 1:
@@ -101,18 +115,24 @@ class FreezeScan(Schedule):
         if self.phase2_schedule == "constant":
             return self.phase2_lr
         total = max(1, (self.total_steps or step + 1) - start)
-        return self.phase2_lr * warmup_cosine(step - start, total, self.phase2_warmup,
-                                              self.min_lr_ratio)
+        return self.phase2_lr * warmup_cosine(
+            step - start, total, self.phase2_warmup, self.min_lr_ratio
+        )
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase, "switched_at": self.switched_at,
-                "phase1_steps": self.phase1_steps}
+        return {
+            "phase": self.phase,
+            "switched_at": self.switched_at,
+            "phase1_steps": self.phase1_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         if state.get("phase1_steps", self.phase1_steps) != self.phase1_steps:
-            raise ValueError(f"checkpoint was trained with phase1_steps="
-                             f"{state['phase1_steps']}, this schedule has {self.phase1_steps}")
+            raise ValueError(
+                f"checkpoint was trained with phase1_steps="
+                f"{state['phase1_steps']}, this schedule has {self.phase1_steps}"
+            )
         self.phase = int(state.get("phase", 1))
         self.switched_at = state.get("switched_at")

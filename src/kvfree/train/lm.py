@@ -84,8 +84,10 @@ def build_schedule(spec: str | None, options: dict) -> Schedule | None:
         return None
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"schedule {spec!r}: give it as 'module:Class', e.g. "
-                         "'kvfree.train.freeze_scan:FreezeScan'")
+        raise ValueError(
+            f"schedule {spec!r}: give it as 'module:Class', e.g. "
+            "'kvfree.train.freeze_scan:FreezeScan'"
+        )
     cls = getattr(importlib.import_module(module), name)
     return cls(**options)
 
@@ -101,8 +103,10 @@ def prepare_data(cfg: DataConfig, log=print):
     tok = tokenizer_for(cfg.tokenizer, corpus)
     train = encoded_split(corpus, "train", tok)
     val = encoded_split(corpus, "val", tok)
-    log(f"data: {corpus.name} / {tok.name}: train {len(train):,} tokens, val {len(val):,} "
-        f"tokens ({time.time() - t0:.1f}s)")
+    log(
+        f"data: {corpus.name} / {tok.name}: train {len(train):,} tokens, val {len(val):,} "
+        f"tokens ({time.time() - t0:.1f}s)"
+    )
     return corpus, tok, train, val
 
 
@@ -116,8 +120,9 @@ def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print
     if not D.is_main():
         log = _quiet
     if (out / "checkpoints" / "last.pt").exists() and not resume:
-        raise FileExistsError(f"{out} already has a checkpoint: pass --resume to continue it, "
-                              "or choose another --out")
+        raise FileExistsError(
+            f"{out} already has a checkpoint: pass --resume to continue it, or choose another --out"
+        )
     corpus, tok, train_tokens, val_tokens = prepare_data(cfg.data, log)
     model_cfg = cfg.model_config(tok.vocab_size)
     torch.manual_seed(cfg.train.seed)
@@ -130,41 +135,72 @@ def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print
         return summarize(nll_parallel(m, ev_in, ev_lab), ev_lab, tok.token_bytes)
 
     if D.is_main():
-        write_json(out / "config.json", {**cfg.to_dict(), "model_config": model_cfg.to_dict(),
-                                         "tokenizer": tok.name, "parameters": n_params,
-                                         "corpus_manifest": corpus.manifest})
-    trainer = Trainer(model, cfg.train, batches, run_dir=out, eval_fn=eval_fn,
-                      schedule=build_schedule(cfg.schedule, cfg.schedule_options),
-                      desc=out.name, resume=resume,
-                      meta={"tokenizer": tok.spec(), "data": to_dict(cfg.data)})
-    log(f"{out.name}: {n_params:,} parameters, {cfg.train.steps} steps of "
+        write_json(
+            out / "config.json",
+            {
+                **cfg.to_dict(),
+                "model_config": model_cfg.to_dict(),
+                "tokenizer": tok.name,
+                "parameters": n_params,
+                "corpus_manifest": corpus.manifest,
+            },
+        )
+    trainer = Trainer(
+        model,
+        cfg.train,
+        batches,
+        run_dir=out,
+        eval_fn=eval_fn,
+        schedule=build_schedule(cfg.schedule, cfg.schedule_options),
+        desc=out.name,
+        resume=resume,
+        meta={"tokenizer": tok.spec(), "data": to_dict(cfg.data)},
+    )
+    log(
+        f"{out.name}: {n_params:,} parameters, {cfg.train.steps} steps of "
         f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens"
-        + (f" (resuming at step {trainer.step})" if trainer.step else ""))
+        + (f" (resuming at step {trainer.step})" if trainer.step else "")
+    )
     summary = trainer.fit()
     eval_model = trainer.model
     if trainer.mode == "fsdp":  # gather the full weights (collective) into a plain model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(trainer.model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(
+            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if D.is_main():
             eval_model = LanguageModel(model_cfg)
             eval_model.load_state_dict(full)
     result = {**json.loads((out / "summary.json").read_text())} if D.is_main() else {}
     if D.is_main():
-        fin_in, fin_lab = eval_windows(val_tokens, cfg.data.seq_len,
-                                       cfg.data.final_eval_windows or None)
+        fin_in, fin_lab = eval_windows(
+            val_tokens, cfg.data.seq_len, cfg.data.final_eval_windows or None
+        )
         t1 = time.time()
-        ev = evaluate_lm(eval_model, fin_in, fin_lab, tok.token_bytes,
-                         decode_windows=cfg.data.decode_windows, prefill=cfg.data.decode_prefill)
-        result.update({
-            "name": out.name, "preset": cfg.preset, "layers": model_cfg.layers,
-            "d_model": model_cfg.d_model, "parameters": n_params, "tokenizer": tok.name,
-            "tokens_seen": trainer.step * cfg.data.batch_size * cfg.data.seq_len,
-            "train_wall_seconds": round(summary["train_seconds_total"], 1),
-            "eval_seconds": round(time.time() - t1, 1),
-            "val": ev, "threads": torch.get_num_threads(),
-        })
+        ev = evaluate_lm(
+            eval_model,
+            fin_in,
+            fin_lab,
+            tok.token_bytes,
+            decode_windows=cfg.data.decode_windows,
+            prefill=cfg.data.decode_prefill,
+        )
+        result.update(
+            {
+                "name": out.name,
+                "preset": cfg.preset,
+                "layers": model_cfg.layers,
+                "d_model": model_cfg.d_model,
+                "parameters": n_params,
+                "tokenizer": tok.name,
+                "tokens_seen": trainer.step * cfg.data.batch_size * cfg.data.seq_len,
+                "train_wall_seconds": round(summary["train_seconds_total"], 1),
+                "eval_seconds": round(time.time() - t1, 1),
+                "val": ev,
+                "threads": torch.get_num_threads(),
+            }
+        )
         write_json(out / "summary.json", result)
     D.barrier()
     return result or summary
@@ -181,8 +217,9 @@ def load_model(path: str | Path, map_location: str = "cpu"):
 
     ckpt = load_checkpoint(path, map_location)
     if not ckpt.get("model_config"):
-        raise CheckpointError(f"{path}: checkpoint has no model config; it was not written "
-                              "for a LanguageModel")
+        raise CheckpointError(
+            f"{path}: checkpoint has no model config; it was not written for a LanguageModel"
+        )
     model = LanguageModel(ModelConfig.from_dict(ckpt["model_config"]))
     try:
         model.load_state_dict(ckpt["model"])

@@ -100,11 +100,19 @@ class Schedule:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: TrainConfig,
-                 batches: Callable[[int], Batch], *, run_dir: str | Path | None = None,
-                 eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-                 schedule: Schedule | None = None, desc: str = "train",
-                 resume: str | Path | bool | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        batches: Callable[[int], Batch],
+        *,
+        run_dir: str | Path | None = None,
+        eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+        schedule: Schedule | None = None,
+        desc: str = "train",
+        resume: str | Path | bool | None = None,
+        meta: dict | None = None,
+    ):
         self.cfg, self.batches, self.eval_fn, self.desc = config, batches, eval_fn, desc
         self.schedule = schedule or Schedule()
         self.meta = meta or {}
@@ -113,8 +121,10 @@ class Trainer:
         if self.mode == "auto":
             self.mode = "ddp" if D.is_distributed() else "none"
         if self.mode != "none" and not D.is_distributed():
-            raise ValueError(f"distributed={self.mode!r} needs a process group: launch with "
-                             "torchrun (WORLD_SIZE > 1) or set distributed='none'")
+            raise ValueError(
+                f"distributed={self.mode!r} needs a process group: launch with "
+                "torchrun (WORLD_SIZE > 1) or set distributed='none'"
+            )
         if config.device == "auto":
             self.device = D.local_device() if D.is_distributed() else default_device()
         else:
@@ -125,8 +135,11 @@ class Trainer:
         if self.mode == "fsdp":
             self._net = D.wrap(self.model, "fsdp", self.device)
         self.rebuild_optimizer()
-        amp = config.amp if config.amp != "auto" else (
-            "bf16" if self.device.type == "cuda" else "none")
+        amp = (
+            config.amp
+            if config.amp != "auto"
+            else ("bf16" if self.device.type == "cuda" else "none")
+        )
         self.autocast = amp == "bf16"
         self.step = 0
         self.best: float | None = None
@@ -143,8 +156,11 @@ class Trainer:
         """(Re)create AdamW over the parameters that currently require gradients, and log the
         frozen / trainable parameter counts. Under DDP the wrapper is rebuilt too, since DDP
         fixes the set of gradient-carrying parameters when it is created."""
-        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay),
-                                     lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, self.cfg.weight_decay),
+            lr=self.cfg.lr,
+            betas=(self.cfg.beta1, self.cfg.beta2),
+        )
         params = list(self.model.parameters())
         for p in params:
             if not p.requires_grad:
@@ -167,8 +183,10 @@ class Trainer:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as e:
-                    raise ImportError("tensorboard=True needs the tensorboard package: "
-                                      "pip install 'kvfree[tensorboard]'") from e
+                    raise ImportError(
+                        "tensorboard=True needs the tensorboard package: "
+                        "pip install 'kvfree[tensorboard]'"
+                    ) from e
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -182,8 +200,9 @@ class Trainer:
         self.schedule.on_step(self)
         lr = self.schedule.lr_at(self.step)
         if lr is None:
-            lr = self.cfg.lr * warmup_cosine(self.step, self.cfg.steps, self.cfg.warmup_steps,
-                                             self.cfg.min_lr_ratio)
+            lr = self.cfg.lr * warmup_cosine(
+                self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio
+            )
         for g in self.opt.param_groups:
             g["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -198,7 +217,8 @@ class Trainer:
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip
+            )
         self.opt.step()
         self.step += 1
         return report.item()
@@ -232,15 +252,25 @@ class Trainer:
         optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
         rngs = D.gather_objects(rng_state())
         if self.rank == 0:
-            save_checkpoint(path, {
-                "model": model_sd, "optimizer": optim_sd,
-                "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
-                "trainer": {"step": self.step, "best": self.best, "world_size": self.world,
-                            "elapsed": self._elapsed()},
-                "schedule": self.schedule.state_dict(), "rng": rngs,
-                "model_config": model_config_dict(self.model),
-                "train_config": self.cfg.to_dict(), "meta": self.meta,
-            })
+            save_checkpoint(
+                path,
+                {
+                    "model": model_sd,
+                    "optimizer": optim_sd,
+                    "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
+                    "trainer": {
+                        "step": self.step,
+                        "best": self.best,
+                        "world_size": self.world,
+                        "elapsed": self._elapsed(),
+                    },
+                    "schedule": self.schedule.state_dict(),
+                    "rng": rngs,
+                    "model_config": model_config_dict(self.model),
+                    "train_config": self.cfg.to_dict(),
+                    "meta": self.meta,
+                },
+            )
         D.barrier()
         return Path(path)
 
@@ -262,21 +292,28 @@ class Trainer:
         ckpt = load_checkpoint(path)
         diff = config_mismatch(ckpt.get("model_config"), model_config_dict(self.model))
         if diff:
-            raise CheckpointError(f"{path} was trained with a different model config:\n  "
-                                  + "\n  ".join(diff) + "\nbuild the model from the checkpoint's "
-                                  "config (kvfree.train.lm.load_model) or start a new run")
+            raise CheckpointError(
+                f"{path} was trained with a different model config:\n  "
+                + "\n  ".join(diff)
+                + "\nbuild the model from the checkpoint's "
+                "config (kvfree.train.lm.load_model) or start a new run"
+            )
         names = {n for n, _ in self.model.named_parameters()}
         saved = ckpt.get("requires_grad", {})
         if set(saved) != names:
-            raise CheckpointError(f"{path}: parameter names differ from the model's (missing "
-                                  f"{sorted(names - set(saved))[:5]}, unexpected "
-                                  f"{sorted(set(saved) - names)[:5]}); wrong model for this run")
+            raise CheckpointError(
+                f"{path}: parameter names differ from the model's (missing "
+                f"{sorted(names - set(saved))[:5]}, unexpected "
+                f"{sorted(set(saved) - names)[:5]}); wrong model for this run"
+            )
         opts = StateDictOptions(full_state_dict=True, strict=True)
         try:
             set_model_state_dict(self.model, ckpt["model"], options=opts)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: model weights do not fit this model ({e}); "
-                                  "wrong model for this checkpoint") from e
+            raise CheckpointError(
+                f"{path}: model weights do not fit this model ({e}); "
+                "wrong model for this checkpoint"
+            ) from e
         for n, p in self.model.named_parameters():
             p.requires_grad_(saved[n])
         self.rebuild_optimizer()
@@ -295,8 +332,11 @@ class Trainer:
             return
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= self.step
+            ]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     # ----- loop --------------------------------------------------------------------------------
@@ -317,22 +357,34 @@ class Trainer:
         t0, loss, last_eval = time.time(), float("nan"), {}
         self._t_start = t0 - self.elapsed
         start = self.step
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc,
-                   disable=not self.cfg.progress or self.rank != 0, leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc=self.desc,
+            disable=not self.cfg.progress or self.rank != 0,
+            leave=False,
+            dynamic_ncols=True,
+        )
         while self.step < self.cfg.steps:
             loss = self.train_step(self.batches(self.step))
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}")
-                self._log({"step": self.step, "loss": loss,
-                           "lr": self.opt.param_groups[0]["lr"],
-                           "elapsed_s": round(self._elapsed(), 3)})
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
-                    and self.step < self.cfg.steps:
+                self._log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": self.opt.param_groups[0]["lr"],
+                        "elapsed_s": round(self._elapsed(), 3),
+                    }
+                )
+            if (
+                self.cfg.eval_every
+                and self.step % self.cfg.eval_every == 0
+                and self.step < self.cfg.steps
+            ):
                 last_eval = self.evaluate()
-            if save and self.step % self.cfg.checkpoint_every == 0 \
-                    and self.step < self.cfg.steps:
+            if save and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
                 self.save_checkpoint(ckpt_dir / "last.pt")
         bar.close()
         last_eval = self.evaluate() or last_eval
@@ -342,16 +394,28 @@ class Trainer:
             self._tb.close()
             self._tb = None
         self.elapsed, self._t_start = self._elapsed(), None
-        summary = {"steps": self.step, "final_loss": loss, "train_seconds": time.time() - t0,
-                   "train_seconds_total": self.elapsed, "steps_this_run": self.step - start,
-                   **{f"eval/{k}": v for k, v in last_eval.items()}}
+        summary = {
+            "steps": self.step,
+            "final_loss": loss,
+            "train_seconds": time.time() - t0,
+            "train_seconds_total": self.elapsed,
+            "steps_this_run": self.step - start,
+            **{f"eval/{k}": v for k, v in last_eval.items()},
+        }
         if self.best is not None:
             summary["best_" + self.cfg.best_metric] = self.best
         if self.run_dir is not None and self.rank == 0:
             from kvfree.report.tables import write_json
 
-            write_json(self.run_dir / "summary.json", {
-                **summary, "trainable_params": self.trainable, "frozen_params": self.frozen,
-                "world_size": self.world, "distributed": self.mode,
-                "environment": environment(self.device)})
+            write_json(
+                self.run_dir / "summary.json",
+                {
+                    **summary,
+                    "trainable_params": self.trainable,
+                    "frozen_params": self.frozen,
+                    "world_size": self.world,
+                    "distributed": self.mode,
+                    "environment": environment(self.device),
+                },
+            )
         return summary
