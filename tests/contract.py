@@ -1,4 +1,4 @@
-"""The mixer contract (DESIGN.md §1) as a reusable test class.
+"""The mixer contract (docs/design.md §1) as a reusable test class.
 
 Subclass :class:`MixerContract` in ``tests/mixers/test_<name>.py``::
 

@@ -1,4 +1,4 @@
-"""Echo's Spectral Koopman MLP (ska.md §12): rotation pairs with radius clamped to ≤ 1."""
+"""Echo's Spectral Koopman MLP (docs/ska.md §12): rotation pairs with radius clamped to ≤ 1."""
 
 import math
 

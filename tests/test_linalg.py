@@ -38,5 +38,5 @@ def test_power_iteration_approaches_sigma_max():
     est = power_iteration_sigma(A, iters=200)
     assert torch.allclose(est, exact, rtol=1e-6)
     est6 = power_iteration_sigma(A, iters=6)
-    assert (est6 <= exact * (1 + 1e-12)).all()  # an under-estimate, as ska.md §17.4 warns
+    assert (est6 <= exact * (1 + 1e-12)).all()  # an under-estimate, as docs/ska.md §17.4 warns
     assert not est6.requires_grad

@@ -1,5 +1,5 @@
 """Building blocks shared by models: norms, MLPs, a stateful causal depthwise conv, and the
-pre-norm residual block ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (DESIGN.md §1)."""
+pre-norm residual block ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` (docs/design.md §1)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class GeluMLP(nn.Module):
 
 
 class KoopmanMLP(nn.Module):
-    """Echo's Spectral Koopman MLP (ska.md §12; paper §3.3), on the pre-normed input u:
+    """Echo's Spectral Koopman MLP (docs/ska.md §12; paper §3.3), on the pre-normed input u:
 
         g = SiLU(W_lift u) ∈ ℝ^{d_k};  (g¹, g²) = first and second half of g (d_k/2 pairs)
         λ_i = γ_i + iω_i (γ_i = 1, ω_i ~ N(0, 0.1²) at init);  s_i = min(ρ_i, 1)/ρ_i, ρ_i = |λ_i|
@@ -59,7 +59,7 @@ class KoopmanMLP(nn.Module):
         out = W_read [z¹; z²]   (optionally z ⊙ σ(W_gate u) before the readout)
 
     W_lift, W_read are Xavier-initialised and bias-free: 2·d·d_k + d_k parameters. The core is
-    isotropic scaling × rotation with |λ| ≤ 1, *not* norm-preserving (ska.md §17.16).
+    isotropic scaling × rotation with |λ| ≤ 1, *not* norm-preserving (docs/ska.md §17.16).
     """
 
     def __init__(self, d_model: int, d_ff: int, gate: bool = False, omega_std: float = 0.1):

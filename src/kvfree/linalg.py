@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-#: Jitters tried, in order, on the slices whose Cholesky failed (ska.md §9).
+#: Jitters tried, in order, on the slices whose Cholesky failed (docs/ska.md §9).
 JITTERS = (1e-4, 1e-3, 1e-2)
 
 
@@ -129,7 +129,7 @@ def is_lower_triangular(F: torch.Tensor) -> bool:
 @torch.no_grad()
 def power_iteration_sigma(A: torch.Tensor, iters: int = 6) -> torch.Tensor:
     """Detached estimate of σ_max(A) for A [..., n, n] by power iteration on (A, Aᵀ) from the
-    fixed start vector 𝟏/√n (ska.md §7): u = Av/‖Av‖, v = Aᵀu/‖Aᵀu‖, σ̂ = ‖Av‖."""
+    fixed start vector 𝟏/√n (docs/ska.md §7): u = Av/‖Av‖, v = Aᵀu/‖Aᵀu‖, σ̂ = ‖Av‖."""
     n = A.shape[-1]
     v = torch.full((*A.shape[:-2], n, 1), n**-0.5, dtype=A.dtype, device=A.device)
     tiny = torch.finfo(A.dtype).tiny

@@ -1,4 +1,4 @@
-"""The capacity experiment (tasks.md §5): write rules against plain references, acceptance
+"""The capacity experiment (docs/tasks.md §5): write rules against plain references, acceptance
 identities, the pilot reference values, and the command's outputs."""
 
 import json
@@ -44,7 +44,7 @@ def test_orthonormal_keys_ridge_is_scaled_linear_and_ska_k0_is_ridge():
 
 
 def test_ska_closed_form_equals_whitened_filter():
-    """ska.md §8: ŷ = η B_v L (c A_w)^K L⁻¹ q̂ with A_w = L⁻¹ M L⁻ᵀ equals the closed form."""
+    """docs/ska.md §8: ŷ = η B_v L (c A_w)^K L⁻¹ q̂ with A_w = L⁻¹ M L⁻ᵀ equals the closed form."""
     K, V = stream(T=2, N=30, d=8, rho=0.3)
     lam, gamma, eta = 1e-3, 1.3, 1.5
     for t in range(2):
@@ -67,7 +67,7 @@ def test_power_sigma_estimates_the_spectral_norm():
     A = np.random.default_rng(2).standard_normal((5, 12, 12))
     est, true = C.power_sigma(A, iters=200), np.linalg.norm(A, 2, axis=(1, 2))
     assert np.allclose(est, true, rtol=1e-6)
-    assert (C.power_sigma(A, iters=6) <= true + 1e-12).all()  # under-estimates (ska.md §17.4)
+    assert (C.power_sigma(A, iters=6) <= true + 1e-12).all()  # under-estimates (docs/ska.md §17.4)
 
 
 def test_softmax_and_state_sizes():
@@ -80,7 +80,7 @@ def test_softmax_and_state_sizes():
 
 
 def test_pilot_reference_values_at_d64():
-    """tasks.md §5 pilot (d = 64, ρ = 0): accuracy of linear / delta / ridge / softmax."""
+    """docs/tasks.md §5 pilot (d = 64, ρ = 0): accuracy of linear / delta / ridge / softmax."""
     table = C.unit(np.random.default_rng([0, 64]).standard_normal((C.VOCAB, 64)))
     ref = {  # N: {method: (accuracy, relative error)}
         64: {

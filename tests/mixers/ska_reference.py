@@ -1,4 +1,4 @@
-"""Plain per-token references for SKA tests: the closed form of ska.md §8 evaluated with
+"""Plain per-token references for SKA tests: the closed form of docs/ska.md §8 evaluated with
 ordinary solves, and a token loop that keeps the decoder statistics by hand."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def whitened_sigma(G, M, eps, iters):
 
 def closed_form(G, M, C, q, *, gamma, eta, eps, K, sigma=None):
     """η (γ / max(1, σ))^K C (G̃⁻¹ M)^K G̃⁻¹ q  for G, M [..., r, r], C [..., P, r], q [..., r].
-    G̃ is symmetrised as in ska.md §6.1 (this fixes the gradient off the symmetric matrices)."""
+    G̃ is symmetrised as in docs/ska.md §6.1 (this fixes the gradient off the symmetric matrices)."""
     Gt = 0.5 * (G + G.transpose(-1, -2)) + eps * torch.eye(G.shape[-1], dtype=G.dtype)
     w = torch.linalg.solve(Gt, q.unsqueeze(-1))
     for _ in range(K):

@@ -1,4 +1,4 @@
-"""FanScan (FDM's wave, fdm.md §2): the mixer contract against a plain complex-number loop,
+"""FanScan (FDM's wave, docs/fdm.md §2): the mixer contract against a plain complex-number loop,
 plus the chunked scan against a naive recurrence and the position-term decisions (§4.1)."""
 
 import math
@@ -36,7 +36,7 @@ def grouped_conv_ref(conv, window):
 
 
 def fan_step_ref(m, x_score, x_scan, t, buf, h1, h2):
-    """One token of fdm.md §2 with complex numbers. Returns (y, s, buf, h1, h2)."""
+    """One token of docs/fdm.md §2 with complex numbers. Returns (y, s, buf, h1, h2)."""
     if m.score_mode == "fdm":
         window = torch.cat([buf, x_score[:, None]], 1)
         buf = window[:, 1:]
@@ -142,7 +142,7 @@ def test_long_sequence_fp32_stays_finite_and_matches_steps():
 
 
 def test_position_term_uses_fixed_t_train():
-    """π_t uses T_train − 1 in the denominator whatever the sequence length (fdm.md §4.1): the
+    """π_t uses T_train − 1 in the denominator whatever the sequence length (docs/fdm.md §4.1): the
     output at t is unchanged when the sequence is extended, with W_pos ≠ 0."""
     torch.manual_seed(0)
     m = build_mixer("fan", 16, init_std=0.5, t_train=32).double()
@@ -167,7 +167,7 @@ def test_position_term_uses_fixed_t_train():
 
 
 def test_write_rate_range_and_init():
-    """p ∈ (1e-4, 0.5001); at init (μ = −2) p ≈ ½σ(−2) ≈ 0.06 (fdm.md §2.1.6)."""
+    """p ∈ (1e-4, 0.5001); at init (μ = −2) p ≈ ½σ(−2) ≈ 0.06 (docs/fdm.md §2.1.6)."""
     torch.manual_seed(0)
     m = build_mixer("fan", 64)
     x = torch.randn(2, 40, 64)
@@ -182,7 +182,8 @@ def test_write_rate_range_and_init():
 
 
 def test_wave_core_parameter_count_at_d576():
-    """fdm.md §2.5: scan core = 1 243 306 per layer (W_θ, W_r, W_i, conv, MLP_β, 2 Givens, g)."""
+    """docs/fdm.md §2.5: scan core = 1 243 306 per layer (W_θ, W_r, W_i, conv, MLP_β,
+    2 Givens, g)."""
     with torch.device("meta"):
         m = build_mixer("fan", 576)
     core = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("shared"))

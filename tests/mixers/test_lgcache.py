@@ -1,4 +1,4 @@
-"""LocalGlobalCache (FDM's particle component, fdm.md §3, §5): the mixer contract against a
+"""LocalGlobalCache (FDM's particle component, docs/fdm.md §3, §5): the mixer contract against a
 plain per-token loop that keeps every past token and sorts (no ring, no heap), plus the
 decode-store properties."""
 

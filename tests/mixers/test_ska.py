@@ -49,7 +49,7 @@ class TestSKACausal(MixerContract):
 
 
 class TestSKAWriteMask(TestSKACausal):
-    """A binary write mask is a causal β in sqrt mode (the causal action mask, ska.md §5)."""
+    """A binary write mask is a causal β in sqrt mode (the causal action mask, docs/ska.md §5)."""
 
     uses_mask = True
     long_len = 4096

@@ -1,4 +1,4 @@
-"""SKA inside a model and its parameters (ska.md §7, §10, §16 test 8): Mamba-2 + SKA decodes
+"""SKA inside a model and its parameters (docs/ska.md §7, §10, §16 test 8): Mamba-2 + SKA decodes
 exactly, initialisation, weight-decay exclusions, the β gate, diagnostics and ablations."""
 
 import pytest

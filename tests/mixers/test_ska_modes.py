@@ -1,4 +1,4 @@
-"""SKA mode semantics (ska.md §5, §11, §16 tests 1–4): prefix/masked modes (parallel = prefill
+"""SKA mode semantics (docs/ska.md §5, §11, §16 tests 1–4): prefix/masked modes (parallel = prefill
 + frozen decode after the prefix), chunk-causal = token-causal statistics at cS − 1, causality,
 and the closed form at every position."""
 
@@ -198,7 +198,7 @@ def test_inclusive_boundary_adds_the_crossing_lag_pair():
 
 
 def test_token_mode_closed_form_every_position():
-    """ska.md §16 test 1: parallel = recurrent = closed form at every t (K = 2, γ = 1.25)."""
+    """docs/ska.md §16 test 1: parallel = recurrent = closed form at every t (K = 2, γ = 1.25)."""
     m = make(mode="token")
     x = inputs(33)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SKA numerics (ska.md §6–§9, §16 tests 5–7 and 9): ridge and closed-form oracles, the MesaNet
+"""SKA numerics (docs/ska.md §6–§9, §16 tests 5–7 and 9): ridge and closed-form oracles, the MesaNet
 cross-check, gauge invariance, the fp32 island under bf16 autocast, Cholesky failures, a
 rank-deficient 4096-token input, and state bytes in fp32."""
 
@@ -44,7 +44,7 @@ def test_k0_is_the_ridge_prediction():
 
 
 def asym_stats(m, x):
-    """Token-causal statistics with the asymmetric β gate (ska.md §4): G = Σ β ẑẑᵀ,
+    """Token-causal statistics with the asymmetric β gate (docs/ska.md §4): G = Σ β ẑẑᵀ,
     C = Σ β v ẑᵀ, M = Σ β_t ẑ_t ẑ_{t−1}ᵀ, by a loop over tokens."""
     zh, qh, v = features(m, x)
     beta = torch.sigmoid(m.beta_proj(x))[..., None, None]  # [B, T, H, 1, 1]
@@ -86,7 +86,7 @@ def test_k2_closed_form(spectral_norm):
 
 
 def test_sqrt_gate_operator_is_contractive():
-    """With β ≡ 1 or the sqrt gate, ‖A_w‖ ≤ 1 − ε/λ_max(G̃) (ska.md §4), so σ̂ ≤ 1."""
+    """With β ≡ 1 or the sqrt gate, ‖A_w‖ ≤ 1 − ε/λ_max(G̃) (docs/ska.md §4), so σ̂ ≤ 1."""
     for kw in ({}, {"beta_gate": True}):
         m = make(mode="token", **kw)
         with torch.no_grad():
@@ -95,7 +95,7 @@ def test_sqrt_gate_operator_is_contractive():
 
 
 def test_mesanet_cross_check():
-    """ska.md §16 test 5: K = 0, β ≡ 1 equals MesaNet-exact with γ = 1 and λ = ε·𝟏 on the same
+    """docs/ska.md §16 test 5: K = 0, β ≡ 1 equals MesaNet-exact with γ = 1 and λ = ε·𝟏 on the same
     features (token-causal mode): ŷ = η · o_mesa."""
     from kvfree.mixers.mesanet import mesa_core
 
@@ -119,7 +119,7 @@ def _eigen_factor(A, counter=None, jitters=(), eig_floor=1e-6):
 
 @pytest.mark.parametrize("mode", ["token", "chunk", "prefix"])
 def test_gauge_invariance(monkeypatch, mode):
-    """ska.md §16 test 6: the eigen-factor path equals the Cholesky path when σ is exact."""
+    """docs/ska.md §16 test 6: the eigen-factor path equals the Cholesky path when σ is exact."""
     m = make(mode=mode, chunk_size=8, K=2)
     x = inputs(30)
     mask = (torch.arange(30) < 20).double().expand(2, 30) if mode == "prefix" else None
@@ -135,7 +135,7 @@ def test_gauge_invariance(monkeypatch, mode):
 
 @pytest.mark.parametrize("mode", ["token", "chunk", "prefix"])
 def test_fp32_island_under_bf16_autocast(mode):
-    """ska.md §16 test 7: identical z, q, v fed to the core in fp32 and under bf16 autocast:
+    """docs/ska.md §16 test 7: identical z, q, v fed to the core in fp32 and under bf16 autocast:
     relative RMSE ≤ 1e-4 against fp64 at T = 512; statistics stay fp32."""
     torch.manual_seed(0)
     m = make(torch.float32, mode=mode, chunk_size=64, num_heads=2, rank=8)
@@ -160,7 +160,7 @@ def test_fp32_island_under_bf16_autocast(mode):
 
 
 def test_forced_cholesky_failure_is_repaired_and_counted():
-    """ska.md §16 test 9: ε = 0 and a repeated token make G̃ singular."""
+    """docs/ska.md §16 test 9: ε = 0 and a repeated token make G̃ singular."""
     m = make(mode="token", eps=0.0)
     x = inputs(1, B=1).expand(1, 6, D).contiguous()  # rank-1 Gram at every position
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Echo presets: parameter counts against the paper (ska.md §13), built on the meta device so the
-180M model costs no memory, and the layouts the paper describes."""
+"""Echo presets: parameter counts against the paper (docs/ska.md §13), built on the meta device so
+the 180M model costs no memory, and the layouts the paper describes."""
 
 from dataclasses import replace
 
@@ -95,7 +95,7 @@ def test_layouts():
     assert cfg.layers[0] == cfg.layers[-1] == "mamba2"
     ska, mlp = layer("echo-180m", 8)
     assert mlp.d_ff == 2048 and (ska.H, ska.r, ska.P) == (12, 48, 64)
-    # ska.md §15.7: per head (r = 48, P = 64) 2r² + Pr + r + 1 = 7 729 floats; two token-mode
+    # docs/ska.md §15.7: per head (r = 48, P = 64) 2r² + Pr + r + 1 = 7 729 floats; two token-mode
     # layers × 12 heads carry 185 496 floats (chunk mode adds the pending accumulator)
     tok = build_mixer("ska", 768, num_heads=12, rank=48, head_dim=64, mode="token")
     assert 2 * tok.state_size(1) == 185_496

@@ -1,4 +1,4 @@
-"""The FDM model (fdm.md §11): the block against a plain loop, decode = forward in float64,
+"""The FDM model (docs/fdm.md §11): the block against a plain loop, decode = forward in float64,
 chunked prefill, length independence, the cache mask, constant state, Freeze-Scan and HRBD
 parameter counts, HRBD decoding."""
 
@@ -145,7 +145,7 @@ def test_ties_resolve_to_the_earliest_tokens():
 
 
 def test_fp32_decode_matches_forward():
-    """fdm.md §11.1: fp32 relative RMSE ≤ 1e-5 with 100 % greedy top-1 agreement."""
+    """docs/fdm.md §11.1: fp32 relative RMSE ≤ 1e-5 with 100 % greedy top-1 agreement."""
     model = fdm_model(dtype=torch.float32)
     ids = torch.randint(0, V, (2, 80), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_chunked_prefill_at_arbitrary_splits(segment):
 
 
 def test_prefix_logits_do_not_depend_on_total_length():
-    """fdm.md §4.1/§11.4: with the fixed T_train position term, a prefix's logits are the same
+    """docs/fdm.md §4.1/§11.4: with the fixed T_train position term, a prefix's logits are the same
     whatever follows (the original's T−1 denominator changed them by up to 0.75)."""
     model = fdm_model(t_train=64)
     assert model.blocks[0].wave.shared.W_pos.weight.abs().min() > 0.01
@@ -185,7 +185,7 @@ def test_prefix_logits_do_not_depend_on_total_length():
 
 
 def test_decode_rows_are_independent():
-    """Batch > 1 decode keeps separate buffers per row (fdm.md §4.6)."""
+    """Batch > 1 decode keeps separate buffers per row (docs/fdm.md §4.6)."""
     model = fdm_model()
     ids = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(6))
     got, _ = decode(model, ids, 2)
@@ -286,7 +286,7 @@ def test_mask_properties():
 
 
 def test_mask_row_sizes_at_paper_scale():
-    """fdm.md §3.1: T = 1024, W = 256, K = 16, random scores: rows hold ≤ W + K keys, and a
+    """docs/fdm.md §3.1: T = 1024, W = 256, K = 16, random scores: rows hold ≤ W + K keys, and a
     full-window row holds 256 + (landmarks outside the window)."""
     s = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows = fc.causal_topk_mask(s, 256, 16).sum(-1)[0]
@@ -339,7 +339,7 @@ def test_137m_parameter_count_matches_the_paper():
         for mod in (blk.ln_x, blk.ln_h, blk.W_q, blk.W_k, blk.W_v, blk.W_g)
         for p in mod.parameters()
     )
-    assert cache == 1_331_712  # fdm.md §3.2
+    assert cache == 1_331_712  # docs/fdm.md §3.2
     tf = sum(p.numel() for p in meta_model("fdm-137m-transformer").parameters())
     assert abs(tf / total - 1) < 0.10  # §8.1 [project]: depth-matched within 10 %
 

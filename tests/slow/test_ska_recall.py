@@ -1,4 +1,5 @@
-"""A 2-layer Mamba-2 + SKA model learns Echo's MQAR-with-gap on CPU (tasks.md §2, ska.md §16).
+"""A 2-layer Mamba-2 + SKA model learns Echo's MQAR-with-gap on CPU (docs/tasks.md §2,
+docs/ska.md §16).
 
 M = 8 key–value pairs, a 64-token filler gap, then the 8 queries (length 96). SKA is reported
 without a mask (causal ``token``/``chunk`` modes: the headline) and with the oracle prefix mask

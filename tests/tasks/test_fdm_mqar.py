@@ -1,4 +1,4 @@
-"""FDM's MQAR generator (tasks.md §3): layout, labels, determinism, errors."""
+"""FDM's MQAR generator (docs/tasks.md §3): layout, labels, determinism, errors."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Zoology MQAR: exact semantics, power-law placement statistics (tasks.md §1.1–1.3)."""
+"""Zoology MQAR: exact semantics, power-law placement statistics (docs/tasks.md §1.1–1.3)."""
 
 import time
 
@@ -103,7 +103,7 @@ def test_determinism_by_seed():
 
 @pytest.mark.parametrize("mode,n", [("fast", 6000), ("zoology_compatible", 2000)])
 def test_power_law_statistics(mode, n):
-    """tasks.md §1.2 at L = 256, K = 16: median query position 64, 42 % in the first 10 % of
+    """docs/tasks.md §1.2 at L = 256, K = 16: median query position 64, 42 % in the first 10 % of
     the query region, order bias (rank correlation 0.21, first query's pair 3.8, last 8.3)."""
     d = make("mqar", 2**31 + 1, num_examples=n, input_seq_len=256, num_kv_pairs=16, mode=mode)
     pos = positions(d)  # sorted by position

@@ -1,4 +1,4 @@
-"""Echo's MQAR-with-gap [project definition] (tasks.md §2)."""
+"""Echo's MQAR-with-gap [project definition] (docs/tasks.md §2)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The Echo sub-million suite's shared format (tasks.md §4): NIAH, MultiHop, SysPrompt,
+"""The Echo sub-million suite's shared format (docs/tasks.md §4): NIAH, MultiHop, SysPrompt,
 ToolTrace, CommonWord, transfer-MQAR."""
 
 import numpy as np
@@ -175,7 +175,7 @@ def test_commonword_target_is_most_frequent():
 
 def test_feasibility_and_grid():
     ok, bad = S.grid_cells("multihop", lengths=(16, 32), counts=(3, 4, 8))
-    assert bad == [(16, 4), (16, 8), (32, 8)]  # tasks.md §4.5
+    assert bad == [(16, 4), (16, 8), (32, 8)]  # docs/tasks.md §4.5
     assert S.feasible("sysprompt", 13, 4) and not S.feasible("sysprompt", 12, 4)
     with pytest.raises(ValueError, match="infeasible"):
         make("niah", 1, seq_len=10, n=4)

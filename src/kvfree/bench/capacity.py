@@ -1,5 +1,5 @@
 """``kvfree bench capacity``: how many random key–value pairs fit in a fixed state, by write
-rule (tasks.md §5; no training, float64).
+rule (docs/tasks.md §5; no training, float64).
 
 Glossary (per trial):
     d, d_v   key and value dimension (d_v = d);  N pairs, written as a stream i = 1..N
@@ -12,7 +12,7 @@ Methods (read ŷ(q) for every stored key q = k_i):
     delta1/4      S ← S + (v − S k) kᵀ (β = 1), 1 or 4 passes over the stream
     ridge         ŷ = C G⁻¹ q  (= SKA K = 0 = MesaNet γ = 1)               d² + d·d_v
     ska2          ŷ = η (γ/max(1, σ̂))^K C (G⁻¹M)^K G⁻¹ q, K = 2, γ = η = 1, σ̂ = 6-step power
-                  iteration on A_w = L⁻¹ M L⁻ᵀ (ska.md §7–8)               2d² + d·d_v + d + 1
+                  iteration on A_w = L⁻¹ M L⁻ᵀ (docs/ska.md §7–8)               2d² + d·d_v + d + 1
     softmax       Σ_i softmax_i(τ q·k_i) v_i, τ = 2√d (a KV cache)          2·N·d (grows)
     softmax_hard  v of argmax_i q·k_i
 
@@ -87,7 +87,7 @@ def delta_rule(K: np.ndarray, V: np.ndarray, passes: int = 1, chunk: int = 64) -
 
 
 def power_sigma(A: np.ndarray, iters: int = 6) -> np.ndarray:
-    """σ̂ ≈ σ_max(A) [T] by ``iters`` power iterations on (A, Aᵀ) from v₀ = 𝟏/√r (ska.md §7)."""
+    """σ̂ ≈ σ_max(A) [T] by ``iters`` power iterations on (A, Aᵀ) from v₀ = 𝟏/√r (docs/ska.md §7)."""
     v = np.full(A.shape[:-1], 1 / np.sqrt(A.shape[-1]))
     for _ in range(iters):
         u = unit((A @ v[:, :, None])[:, :, 0])
@@ -104,7 +104,7 @@ def ska_map(
     eta: float = 1.0,
 ) -> np.ndarray:
     """SKA's readout map R [T, d_v, d] with ŷ = R q̂, from the stream K [T, N, d], V [T, N, d_v]:
-    R = η (γ/max(1, σ̂))^K · C (G⁻¹M)^K G⁻¹ (ska.md §8), built right to left as
+    R = η (γ/max(1, σ̂))^K · C (G⁻¹M)^K G⁻¹ (docs/ska.md §8), built right to left as
     Rᵀ = G⁻¹ (Mᵀ G⁻¹)^K Cᵀ with d × d solves. K = 0 is ridge regression."""
     d = K.shape[2]
     G = tr(K) @ K + lam * np.eye(d)  # [T, d, d]
@@ -212,7 +212,7 @@ def stream(
     repeats: int = 2,
     distractors: int = 2,
 ):
-    """The write stream. ``iid``: each pair once. ``structured`` (tasks.md §5, optional): each
+    """The write stream. ``iid``: each pair once. ``structured`` (docs/tasks.md §5, optional): each
     pair written ``repeats`` times in a row, then ``distractors`` fresh single-step pairs
     (keys ``extra_keys`` [T, n·distractors, d], values fresh unit vectors)."""
     if layout == "iid":
@@ -328,7 +328,7 @@ def run(
     elapsed, cpu = time.time() - t0, time.process_time() - c0
     result = {
         "benchmark": "capacity",
-        "protocol": "tasks.md §5",
+        "protocol": "docs/tasks.md §5",
         "lambda": LAMBDA,
         "vocab": VOCAB,
         "vocab_queries": vocab_queries,
@@ -404,7 +404,7 @@ def capacity_markdown(result: dict, d: int | None = None) -> str:
     iid = [r for r in rows if r.get("layout", "iid") == "iid"]
     d = d or (64 if 64 in result["dims"] else result["dims"][0])
     parts = [
-        f"Capacity (tasks.md §5): {result['trials']} trials per point, float64, "
+        f"Capacity (docs/tasks.md §5): {result['trials']} trials per point, float64, "
         f"λ = {result['lambda']}, SKA K = 2 with γ = η = 1, softmax τ = 2√d, "
         f"vocabulary {result['vocab']} rows (scored on {result['vocab_queries']} random "
         f"stored keys per trial), seed {result['seed']}; {result['seconds']:.1f} s wall"

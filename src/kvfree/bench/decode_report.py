@@ -17,7 +17,7 @@ README_SECTION = "decode"  # <!-- BEGIN decode --> … <!-- END decode --> in th
 #: Acceptance: a fixed-memory model's ms/token may grow at most this much from N=512 to 32768.
 LATENCY_TOLERANCE = 0.20
 ACCEPT_LO, ACCEPT_HI = 512, 32768
-#: FDM paper, decode memory at prompt N (fdm.md §9.4): Transformer *recomputing* the sequence
+#: FDM paper, decode memory at prompt N (docs/fdm.md §9.4): Transformer *recomputing* the sequence
 #: every token (no KV cache) vs FDM (decode-only peak, W=64), torch.cuda.max_memory_allocated.
 PAPER_WIDTH = 576
 PAPER_FDM_MB = {
@@ -434,7 +434,7 @@ def fdm_paper_note(result: dict) -> str:
         ],
     )
     paper_note = (
-        "Paper column (fdm.md §9.4): `torch.cuda.max_memory_allocated` in MB; its "
+        "Paper column (docs/fdm.md §9.4): `torch.cuda.max_memory_allocated` in MB; its "
         "Transformer had **no KV cache** (it re-ran the whole sequence every token), "
         "its FDM figure is decode-only with W=64 and ≈98% weights and their bf16 "
         "copies.\n"

@@ -1,11 +1,11 @@
-"""``kvfree bench fdm-mqar``: the FDM paper's MQAR protocol (tasks.md §3, fdm.md §9.2).
+"""``kvfree bench fdm-mqar``: the FDM paper's MQAR protocol (docs/tasks.md §3, docs/fdm.md §9.2).
 
 Protocol (paper): 10 000 sequences from seed 42, the first 10 % is the test set; Adam,
 LR 3e-3, cosine over epochs (stepped per epoch), batch 128, clip 1.0, loss on the query
-positions only; d = 64, 2-layer models (fdm.md §8.2). The paper trains 100 epochs and reports
+positions only; d = 64, 2-layer models (docs/fdm.md §8.2). The paper trains 100 epochs and reports
 the **maximum test accuracy over epochs** of one run.
 
-Project reporting (tasks.md §3): validation = the first 10 % of the remaining 9 000
+Project reporting (docs/tasks.md §3): validation = the first 10 % of the remaining 9 000
 sequences (never used for training); for every (model, setting, seed) we report the
 final-epoch test accuracy, the test accuracy at the best-validation epoch (first best), and
 the paper's max-over-epochs only as a labelled reproduction number. Model seeds set the
@@ -40,7 +40,7 @@ MODELS = {  # runner name -> preset
     "transformer": "fdm-mqar-transformer",
     "transformer-rope": "fdm-mqar-transformer-rope",
 }
-PAPER = {  # fdm.md §9.2 (max test accuracy over 100 epochs, one run)
+PAPER = {  # docs/fdm.md §9.2 (max test accuracy over 100 epochs, one run)
     ("transformer", "easy"): 0.606,
     ("transformer", "medium"): 0.238,
     ("fdm-k0", "easy"): 0.011,
@@ -268,7 +268,7 @@ def run(
         "seconds_per_run",
     ]
     md = (
-        f"FDM MQAR protocol (tasks.md §3): {p.num_examples} sequences (data seed "
+        f"FDM MQAR protocol (docs/tasks.md §3): {p.num_examples} sequences (data seed "
         f"{p.data_seed}), first {p.test_frac:.0%} test, validation {p.val_frac:.0%} of the "
         f"rest; Adam LR {p.lr}, cosine over {p.epochs} epochs, batch {p.batch_size}, clip "
         f"{p.grad_clip}. Accuracy = mean per-example accuracy on the query positions, "

@@ -1,7 +1,7 @@
 """``kvfree bench recall``: train each model on a task grid, evaluate every cell, several seeds,
 an optional learning-rate sweep; resumable.
 
-Protocol (tasks.md §0):
+Protocol (docs/tasks.md §0):
 - a *job* is one training run: (model, seed, LR) on the grid's mixture of cells, or on one
   cell in ``per_cell`` mode. Its result file ``jobs/<job>.json`` holds one row per evaluated
   cell; a rerun skips every job whose file exists with the same grid and model fingerprint
@@ -13,7 +13,7 @@ Protocol (tasks.md §0):
   never by test accuracy; the table reports test accuracy at that LR;
 - accuracy: argmax over the full vocabulary at every scored position, mean per example, mean
   over examples (zoology's convention); state bytes: measured ``kvfree.state_bytes`` of the
-  decode state after prefilling the cell's length, fp32, all layers (baselines.md §8), next
+  decode state after prefilling the cell's length, fp32, all layers (docs/baselines.md §8), next
   to the analytic formula value.
 
 Outputs in ``out/``: ``results.jsonl`` (every row), ``summary.json`` (best LR, per-cell means),

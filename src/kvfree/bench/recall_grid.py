@@ -5,9 +5,9 @@ model is trained (one run on a mixture of the cells, or one run per cell), the r
 learning-rate grid and the two slice keys of the heatmap. Presets:
 
     cpu            mqar_gap  M ∈ {4, 8} × gap ∈ {64, 256}; one run on an 8-cell mixture, CPU-sized
-    echo           mqar_gap  M ∈ {4, 8, 16, 32} × gap ∈ {64, …, 4096} (28 cells, tasks.md §2);
+    echo           mqar_gap  M ∈ {4, 8, 16, 32} × gap ∈ {64, …, 4096} (28 cells, docs/tasks.md §2);
                              each cell from scratch: 10k steps, batch 64, LR 1e-3, warmup 500
-    zoology-based  mqar      7 test slices 64/4 … 1024/256 (tasks.md §1.4); fixed train set of
+    zoology-based  mqar      7 test slices 64/4 … 1024/256 (docs/tasks.md §1.4); fixed train set of
                              5 segments, 32 epochs, batch 256, LR sweep
 """
 
@@ -139,7 +139,7 @@ def _echo() -> RecallGrid:
         weight_decay=0.1,
         n_val=500,
         n_test=1000,
-        note="tasks.md §2: each cell trained from scratch (AdamW, LR 1e-3, batch 64, 10k "
+        note="docs/tasks.md §2: each cell trained from scratch (AdamW, LR 1e-3, batch 64, 10k "
         "steps, warmup 500, wd 0.1; bf16 on GPU), 1000 held-out examples per cell",
     )
 
@@ -166,7 +166,7 @@ def _zoology() -> RecallGrid:
         n_test=1000,
         eval_batch=32,
         options=dict(g["options"]),
-        note="tasks.md §1.4 (Based/'original' grid): fixed train set (5 segments, 180k "
+        note="docs/tasks.md §1.4 (Based/'original' grid): fixed train set (5 segments, 180k "
         "examples), 32 epochs, cosine without warmup, batch 256, LR sweep, best LR per "
         "model by validation accuracy; test on 7 slices up to 1024",
     )

@@ -180,7 +180,7 @@ def markdown(summary: dict, meta: dict) -> str:
         + markdown_table(byte_rows)
         + (
             "\nSKA rows marked *oracle prefix mask* receive the query boundary from the task "
-            "(ska.md §16); the unmarked SKA row is the headline, causal, without a mask.\n"
+            "(docs/ska.md §16); the unmarked SKA row is the headline, causal, without a mask.\n"
             if any(s["oracle_mask"] for s in models.values())
             else ""
         )

@@ -34,7 +34,7 @@ def bench_capacity(
 ) -> None:
     """Store N random key/value pairs in a d-dimensional state (linear attention, delta rule,
     ridge = SKA K=0, SKA K=2, softmax over a KV cache) and retrieve them: accuracy against
-    the stored values and a 4096-row vocabulary as N/d grows (tasks.md §5)."""
+    the stored values and a 4096-row vocabulary as N/d grows (docs/tasks.md §5)."""
     from kvfree.bench.capacity import METHODS, run
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]

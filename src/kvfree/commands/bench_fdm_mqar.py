@@ -1,4 +1,4 @@
-"""``kvfree bench fdm-mqar``: the FDM paper's MQAR protocol (tasks.md §3)."""
+"""``kvfree bench fdm-mqar``: the FDM paper's MQAR protocol (docs/tasks.md §3)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The CPU preset trains six 2-layer d = 64 models — Transformer (KV cache), Mamba-2, Gated
 DeltaNet, Mamba-2 + SKA without a mask (the headline) and with the oracle prefix mask, FDM — on
-Echo's MQAR-with-gap (tasks.md §2) as one mixture of M ∈ {4, 8} pairs × gap ∈ {64, 256}, then
+Echo's MQAR-with-gap (docs/tasks.md §2) as one mixture of M ∈ {4, 8} pairs × gap ∈ {64, 256}, then
 evaluates every cell on held-out examples and prints accuracy and decode-state bytes per model
 and cell (``kvfree bench recall --grid cpu``; about 10 minutes on 2 cores). ``--preset paper``
 runs the papers' grids (Echo's 28 cells per-cell, zoology's Based grid with an LR sweep) and is

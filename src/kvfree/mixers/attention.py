@@ -1,5 +1,5 @@
 """Softmax attention with a real KV cache (Vaswani et al. 2017, arXiv 1706.03762, eq. 1;
-baselines.md §1 and §8). The baseline of every decode-memory comparison.
+docs/baselines.md §1 and §8). The baseline of every decode-memory comparison.
 
 Glossary (query head h; n_kv KV heads, each shared by g = n_h/n_kv query heads, GQA):
     q_t [d_h]        W_q x_t, rotated by RoPE at position t (``positions="rope"``, see rope.py)

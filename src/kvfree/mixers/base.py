@@ -1,4 +1,4 @@
-"""The one contract every token mixer implements (DESIGN.md §1).
+"""The one contract every token mixer implements (docs/design.md §1).
 
     y, state   = mixer(x, state=None, mask=None)   # parallel: x [B, T, D] -> y [B, T, D]
     state      = mixer.init_state(batch, device=..., dtype=...)

@@ -1,4 +1,4 @@
-"""Delta-rule chunk math shared by DeltaNet and Gated DeltaNet (baselines.md §4-§5).
+"""Delta-rule chunk math shared by DeltaNet and Gated DeltaNet (docs/baselines.md §4-§5).
 
 Glossary (per head; Yang et al. arXiv 2406.06484, Yang-Kautz-Hatamizadeh arXiv 2412.06464):
     q_t, k_t [d_k]   L2-normalised query/key;  v_t [d_v] value;  β_t ∈ (0,1) writing strength

@@ -1,4 +1,4 @@
-"""DeltaNet (Yang, Wang, Zhang, Shen, Kim; NeurIPS 2024, arXiv 2406.06484; baselines.md §4).
+"""DeltaNet (Yang, Wang, Zhang, Shen, Kim; NeurIPS 2024, arXiv 2406.06484; docs/baselines.md §4).
 
 Glossary (per head h; the layer follows fla's ``DeltaNet`` defaults):
     [q̃, k̃, ṽ, b]_t    in_proj x_t  (one fused projection: q, k [H·d_k], v [H·d_v], b [H])

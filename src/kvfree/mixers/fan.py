@@ -1,6 +1,6 @@
-"""Fan scan: the wave component of the Fan Duality Model (arXiv 2604.07716; fdm.md §2).
+"""Fan scan: the wave component of the Fan Duality Model (arXiv 2604.07716; docs/fdm.md §2).
 
-Glossary (token t, 0-based; D = d_model; fdm.md section in brackets):
+Glossary (token t, 0-based; D = d_model; docs/fdm.md section in brackets):
     x̂_t   [D]    input of the score path (LN_x(x_t) inside the FDM block, x_t standalone)
     c_t    [D]    CausalConv(x̂_{t-k+1..t}), kernel k = 4, groups D/64, bias      [§2.1.2]
     β_t    ℝ      MLP_β(tanh c_t): D → D/4 → SiLU → D/8 → SiLU → 1               [§2.1.3]
@@ -19,7 +19,7 @@ Glossary (token t, 0-based; D = d_model; fdm.md section in brackets):
 
 Score modes (``score``):
     "fdm"        the LM's s_eff / p_t above;
-    "mean_p"     the MQAR FDM (fdm.md §8.2): p_t = mean_c σ(W_p x̂_t)_c (bias −2), s_t = p_t;
+    "mean_p"     the MQAR FDM (docs/fdm.md §8.2): p_t = mean_c σ(W_p x̂_t)_c (bias −2), s_t = p_t;
     "channel_p"  the MQAR "scan only" network: per-channel p_t = σ(W_p x̂_t) ∈ ℝ^D, s_t = mean.
 ``passes=1`` drops pass 2 (y = Re h¹); ``givens_planes=0`` makes θ = W_θ x̃ directly.
 
@@ -28,7 +28,7 @@ log-depth scan across chunks); pass 2 needs pass 1's output, so they run one aft
 Recurrent form: both complex states plus the conv buffer. State per layer (real elements):
 4D (two complex states; 2D with one pass) + (k−1)·D (conv buffer, score "fdm" only).
 
-Parameter names match the original's ``--freeze_wave`` list (fdm.md §6): ``W_theta``, ``W_r``,
+Parameter names match the original's ``--freeze_wave`` list (docs/fdm.md §6): ``W_theta``, ``W_r``,
 ``W_i``, ``W_beta``, ``givens_t``, ``givens_h``, ``delta_gate``, ``causal_conv``. The position
 term and μ live in ``shared`` (one per model: the FDM block ties it across layers).
 """
@@ -53,7 +53,7 @@ from kvfree.mixers.fdm_scan import (
 from kvfree.state import State
 
 SCORES = ("fdm", "mean_p", "channel_p")
-P_FLOOR = 1e-4  # fdm.md §2.1.6
+P_FLOOR = 1e-4  # docs/fdm.md §2.1.6
 P_CEIL = 1 - 1e-6  # keeps log(1 − p) finite in the MQAR modes (σ can round to 1)
 
 
@@ -72,7 +72,7 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 class ScoreBias(nn.Module):
     """The parts of s_eff / p shared by all layers of one model: the position term
-    ``W_pos`` (Linear(2→1)) and the global offset ``mu`` (fdm.md §2.1.4, §2.1.6)."""
+    ``W_pos`` (Linear(2→1)) and the global offset ``mu`` (docs/fdm.md §2.1.4, §2.1.6)."""
 
     def __init__(self):
         super().__init__()
@@ -132,7 +132,7 @@ class FanScan(Mixer):
         self._init(init, init_std)
 
     def _init(self, init: str, std: float) -> None:
-        """fdm.md §8.1: Linear weights N(0, std), biases 0, μ = −2, g = 0; W_p bias −2.
+        """docs/fdm.md §8.1: Linear weights N(0, std), biases 0, μ = −2, g = 0; W_p bias −2.
         ``intended`` also zeroes W_pos (the released code's global init overwrote that)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -1,7 +1,7 @@
-"""One layer of the Fan Duality Model (arXiv 2604.07716; fdm.md §2–§5, §8): wave + FFN +
+"""One layer of the Fan Duality Model (arXiv 2604.07716; docs/fdm.md §2–§5, §8): wave + FFN +
 gated local–global cache read, with its own norms and residuals (``is_block = True``).
 
-Glossary (layer input x_t; fdm.md sections in brackets):
+Glossary (layer input x_t; docs/fdm.md sections in brackets):
     x̂_t = LN_x(x_t)                          score input and the cached vector     [§2.1, §3.2]
     s_t, p_t                                  FanScan score path (s_eff, write rate) [§2.1]
     x̃_t = LN_1(x_t);  y_t = Re h²_t         two-pass complex recurrence (FanScan)  [§2.2–2.3]
@@ -129,7 +129,7 @@ class FDMBlock(Mixer):
             self.ln_h = nn.LayerNorm(D)
             self.W_q, self.W_k, self.W_v, self.W_g = (nn.Linear(D, D) for _ in range(4))
         cache_lins = [self.W_q, self.W_k, self.W_v, self.W_g] if self.has_cache else []
-        for lin in [*self.ffn.modules(), *cache_lins]:  # fdm.md §8.1: N(0, 0.02), biases 0
+        for lin in [*self.ffn.modules(), *cache_lins]:  # docs/fdm.md §8.1: N(0, 0.02), biases 0
             if isinstance(lin, nn.Linear):
                 nn.init.normal_(lin.weight, std=init_std)
                 if lin.bias is not None:
@@ -140,7 +140,7 @@ class FDMBlock(Mixer):
     # ----- sharing of the position term and μ across layers ------------------------------------
     @staticmethod
     def tie_layers(blocks: list[FDMBlock]) -> None:
-        """Make every block use the first block's ``W_pos`` and ``μ`` (fdm.md §2.1: one
+        """Make every block use the first block's ``W_pos`` and ``μ`` (docs/fdm.md §2.1: one
         Linear(2→1) and one μ shared by all layers). The others keep a plain reference, so
         the parameters appear once in ``parameters()`` and the state dict."""
         owners = [b for b in blocks if b.wave.shared is not None]

@@ -1,13 +1,13 @@
-"""The local–global cache of FDM (fdm.md §3, §5): which past tokens a query may read.
+"""The local–global cache of FDM (docs/fdm.md §3, §5): which past tokens a query may read.
 
-Visibility (fdm.md §3.1 with the project's deterministic ties, §4.5):
+Visibility (docs/fdm.md §3.1 with the project's deterministic ties, §4.5):
 
     Mask_{t,j} = 1  ⇔  j < t  and  ( j ≥ t − W   or   j ∈ topK_{j' < t} s_j' )
 
 where topK orders by (s desc, index asc), i.e. on ties the earlier token wins, and the top-K
 runs over **all** past tokens, window included. The current token never sees itself.
 
-Decode state (per layer, per batch row; fdm.md §5):
+Decode state (per layer, per batch row; docs/fdm.md §5):
     ring      [B, W, D]   x̂ of the last W tokens; token j lives in slot j mod W
     heap_x    [B, K, D]   x̂ of the K past tokens with the largest s (the "min-heap")
     heap_s    [B, K]      their scores (fp32; selection metadata: never differentiated)
@@ -116,7 +116,7 @@ def chunk_visibility(state: CacheState, s: torch.Tensor, window: int, top_k: int
 
 
 def causal_topk_mask(s: torch.Tensor, window: int, top_k: int) -> torch.Tensor:
-    """The training mask [B, T, T] of a fresh sequence with scores ``s`` [B, T] (fdm.md §3.1
+    """The training mask [B, T, T] of a fresh sequence with scores ``s`` [B, T] (docs/fdm.md §3.1
     with (s desc, index asc) ties)."""
     B, _ = s.shape
     empty = init_cache(B, 1, window, top_k, device=s.device, dtype=s.dtype)
@@ -165,7 +165,7 @@ def step_visibility(state: CacheState, window: int) -> torch.Tensor:
 def insert_step(
     state: CacheState, xh_t: torch.Tensor, s_t: torch.Tensor, window: int, top_k: int
 ) -> CacheState:
-    """Write token ``state.pos`` (x̂_t [B, D], s_t [B]) **after** its read (fdm.md §5.5):
+    """Write token ``state.pos`` (x̂_t [B, D], s_t [B]) **after** its read (docs/fdm.md §5.5):
     into ring slot pos mod W, and into the heap if a slot is empty or s_t > s_min (the strict
     comparison makes the earlier index win ties)."""
     t, W, K = state.pos, window, top_k

@@ -1,15 +1,15 @@
-"""Building blocks of FDM's wave (fdm.md §2): Givens rotations, the grouped causal conv of the
+"""Building blocks of FDM's wave (docs/fdm.md §2): Givens rotations, the grouped causal conv of the
 score path, and the chunked diagonal complex scan.
 
 The scan solves, per channel d and batch row,
 
     h_t = a_t · e^{iθ_t} · h_{t-1} + b_t          a_t = exp(la_t) ∈ (0, 1],  θ_t ∈ ℝ,  b_t ∈ ℂ
 
-(fdm.md §2.3 with a_t = 1 − p_t and b_t = p_t u_t). ``la`` is one log-decay per token
+(docs/fdm.md §2.3 with a_t = 1 − p_t and b_t = p_t u_t). ``la`` is one log-decay per token
 ([B, T, 1], the LM and MQAR FDM) or per channel ([B, T, D], the "scan only" network; that
 case runs the log-depth scan below directly over tokens, O(T log T) work for small D).
 
-Chunked parallel form (chunk of C tokens; fdm.md §2.4, DESIGN.md §3):
+Chunked parallel form (chunk of C tokens; docs/fdm.md §2.4, docs/design.md §3):
 
     L_t = Σ_{r≤t} la_r,  Θ_t = Σ_{r≤t} θ_r            (inclusive, inside the chunk only)
     h_t = e^{iΘ_t} Σ_{s≤t} exp(L_t − L_s) e^{−iΘ_s} b_s  +  exp(L_t) e^{iΘ_t} h_in
@@ -126,7 +126,7 @@ def complex_step(
 
 
 class GivensRotation(nn.Module):
-    """FDM's "Givens rotation" (fdm.md §2.2): angles φ = W_φ x̃ + b_φ ∈ ℝ^P, and coordinate
+    """FDM's "Givens rotation" (docs/fdm.md §2.2): angles φ = W_φ x̃ + b_φ ∈ ℝ^P, and coordinate
     pair (2k, 2k+1) of the argument is rotated by φ_k,
     (a, b) ↦ (a cos φ − b sin φ, a sin φ + b cos φ), for k < P. Other coordinates pass."""
 
@@ -158,7 +158,7 @@ class GivensRotation(nn.Module):
 
 class GroupedCausalConv(nn.Module):
     """Conv1d over time with kernel k, ``groups`` channel groups and a bias, left zero
-    padding, and a carried buffer of the last k−1 inputs (fdm.md §2.1 step 2).
+    padding, and a carried buffer of the last k−1 inputs (docs/fdm.md §2.1 step 2).
 
     ``forward(x [B,T,D], buf [B,k-1,D]) -> (c [B,T,D], buf')``; ``step(x_t [B,D], buf)``.
     """
@@ -188,6 +188,6 @@ class GroupedCausalConv(nn.Module):
 
 
 def position_features(t: torch.Tensor, t_train: int) -> torch.Tensor:
-    """[sin(πt/(T_train−1)), cos(πt/(T_train−1))] with the fixed T_train (fdm.md §4.1)."""
+    """[sin(πt/(T_train−1)), cos(πt/(T_train−1))] with the fixed T_train (docs/fdm.md §4.1)."""
     a = math.pi * t / (t_train - 1)
     return torch.stack([a.sin(), a.cos()], dim=-1)

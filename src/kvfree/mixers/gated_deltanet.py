@@ -1,4 +1,4 @@
-"""Gated DeltaNet (Yang, Kautz, Hatamizadeh; ICLR 2025, arXiv 2412.06464; baselines.md §5).
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh; ICLR 2025, arXiv 2412.06464; docs/baselines.md §5).
 
 Glossary (per head h; the layer follows fla's ``GatedDeltaNet``): everything of
 :mod:`kvfree.mixers.deltanet`, plus
@@ -10,7 +10,7 @@ Glossary (per head h; the layer follows fla's ``GatedDeltaNet``): everything of
     y_t [D]             o_proj concat_h( RMSNorm(o_t) ⊙ SiLU(r_t) )        (fused gated norm)
 
 Chunked form: :func:`kvfree.mixers.delta_rule.delta_rule_chunked` with g, all decay ratios as
-exp of differences of within-chunk cumulative log-decays (baselines.md §5 steps 1-4).
+exp of differences of within-chunk cumulative log-decays (docs/baselines.md §5 steps 1-4).
 With α ≡ 1 the core is DeltaNet's.
 
 State per layer: S (H·d_k·d_v) + conv buffer ((k−1)·H·(2·d_k + d_v)), constant in T.

@@ -1,5 +1,5 @@
 """Local–global cache: the particle component of the Fan Duality Model (arXiv 2604.07716;
-fdm.md §3, §5), as a standalone mixer.
+docs/fdm.md §3, §5), as a standalone mixer.
 
 Glossary (token t; D = d_model; the FDM block uses the same machinery, fdm_cache.py):
     x_t      [D]   input (the residual block's normed stream)
@@ -8,9 +8,9 @@ Glossary (token t; D = d_model; the FDM block uses the same machinery, fdm_cache
     V_t            visible set: {j < t : j ≥ t − W} ∪ topK_{j<t}(s_j), ties → earlier index
     q_t, k_j, v_j  W_q x_t + b_q, W_k x_j + b_k, W_v x_j + b_v   (single head, width D)
     c_t      [D]   Σ_{j∈V_t} softmax_j(q_t·k_j/√D [+ s_j]) v_j;  0 when V_t is empty (t = 0)
-    y_t      [D]   σ(W_g x_t + b_g) ⊙ c_t                     (fdm.md §3.2 gated read)
+    y_t      [D]   σ(W_g x_t + b_g) ⊙ c_t                     (docs/fdm.md §3.2 gated read)
 
-Standalone design [project]: the hard top-K passes no gradient to s (fdm.md §3.3; inside FDM
+Standalone design [project]: the hard top-K passes no gradient to s (docs/fdm.md §3.3; inside FDM
 s learns through p_t). So that a standalone score head learns at all, ``score_bias=True``
 adds s_j to the read logits (a learned per-key bias): tokens the head favours are both kept
 longer and read more. ``score_bias=False`` gives the bare FDM read with a fixed random

@@ -1,4 +1,4 @@
-"""Linear attention (Katharopoulos et al. 2020, arXiv 2006.16236; baselines.md §2).
+"""Linear attention (Katharopoulos et al. 2020, arXiv 2006.16236; docs/baselines.md §2).
 
 Glossary (per head h; paper eq. numbers from arXiv 2006.16236):
     q_t, k_t  [d_k]      W_q x_t, W_k x_t;   v_t [d_v] = W_v x_t

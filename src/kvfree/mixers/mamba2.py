@@ -1,4 +1,4 @@
-"""Mamba-2 / SSD (Dao & Gu, ICML 2024, arXiv 2405.21060; baselines.md §3).
+"""Mamba-2 / SSD (Dao & Gu, ICML 2024, arXiv 2405.21060; docs/baselines.md §3).
 
 Glossary (per head h of H = d_in/P; groups g = h // (H/G) share B and C):
     [z, x̃, B̃, C̃, dt]_t   in_proj x_t: z, x̃ [d_in], B̃, C̃ [G·N], dt [H]     (d_in = expand·D)

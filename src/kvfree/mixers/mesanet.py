@@ -1,5 +1,5 @@
 """MesaNet with the exact ridge readout (von Oswald et al. 2025, arXiv 2506.05233, the Mesa
-rule; baselines.md §6). Layer as fla ``layers/mesa_net.py``, adapted to small d.
+rule; docs/baselines.md §6). Layer as fla ``layers/mesa_net.py``, adapted to small d.
 
 Glossary (per head h; "Mesa rule" = the per-token ridge regression of the paper):
     q_t, k_t [d_k]   L2norm(SiLU(conv4(W_q x)))_t, same for k (short causal conv, kernel 4)

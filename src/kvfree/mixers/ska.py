@@ -1,4 +1,4 @@
-"""Spectral Koopman Attention (Sridhar & Johansen, *Echo*, arXiv 2605.06997; spec ska.md).
+"""Spectral Koopman Attention (Sridhar & Johansen, *Echo*, arXiv 2605.06997; docs/ska.md).
 
 Glossary (per head h; paper notation → code):
     z_t, q_t  [r]      W_K h_t, W_Q h_t (orthogonal init, own projections, §3.2.1)   ``k_proj``
@@ -15,7 +15,7 @@ Glossary (per head h; paper notation → code):
     ŷ = η C L⁻ᵀ (c A_w)^K L⁻¹ q̂ = η c^K C (G̃⁻¹M)^K G̃⁻¹ q̂   (§3.2, K = 2; K = 0 is ridge)
     out = W_O concat_h ŷ   (W_O zero-initialised, §3.2.3)
 
-Modes (ska.md §5, §11); every mode has a parallel and a recurrent form that agree:
+Modes (docs/ska.md §5, §11); every mode has a parallel and a recurrent form that agree:
     ``token``   position t reads the statistics of tokens ≤ t (one Cholesky per token).
     ``chunk``   position t reads everything in strictly earlier chunks of S tokens (paper eqs.
                 7–10); chunk 0 outputs 0. Decoder: committed + pending statistics, committed at
@@ -133,8 +133,8 @@ class SKA(Mixer):
         if norm == "seqmax" and mode in CAUSAL_MODES:
             raise ValueError(
                 f"norm='seqmax' divides by the maximum key norm of the whole sequence, which "
-                f"leaks future tokens into mode={mode!r} (ska.md §3); use norm='l2' for causal "
-                "modes, or mode='prefix'/'masked' with seqmax"
+                f"leaks future tokens into mode={mode!r} (docs/ska.md §3); use norm='l2' for "
+                "causal modes, or mode='prefix'/'masked' with seqmax"
             )
         if head_dim is None:
             if d_model % num_heads:
@@ -290,7 +290,7 @@ class SKA(Mixer):
 
     def _inputs(self, x, state, mask):
         """Projections upcast into the statistics dtype; the write mask per head; the
-        activation dtype ŷ is cast back to before the output projection (ska.md §9)."""
+        activation dtype ŷ is cast back to before the output projection (docs/ska.md §9)."""
         z, q, v, beta = self._project(x)
         act, cdt = v.dtype, state.G.dtype  # activation dtype (bf16 under autocast), statistics
         z, q, v = z.to(cdt), q.to(cdt), v.to(cdt)

@@ -1,17 +1,17 @@
 """Spectral Koopman Attention: statistics, operator and readout as plain functions
-(ska.md §5–§8). :mod:`kvfree.mixers.ska` wraps them in the mixer contract.
+(docs/ska.md §5–§8). :mod:`kvfree.mixers.ska` wraps them in the mixer contract.
 
 Shapes: B batch, T tokens, H heads, r key rank, P value dim, N chunks, S chunk size, n queries
 per operator. Every function here runs inside the caller's fp32 island (fp64 in tests).
 
-Write vectors (ska.md §4; β ≡ 1 without gate and mask, m the binary write mask):
+Write vectors (docs/ska.md §4; β ≡ 1 without gate and mask, m the binary write mask):
     x_t = √(β_t m_t) ẑ_t           G += x xᵀ            (= β m ẑ ẑᵀ)
     u_t = √(β_t m_t) v_t           C += u xᵀ            (= β m v ẑᵀ)
     sqrt: l_t = p_t = x_t          M += l_t p_{t−1}ᵀ    (ω_t = √(β_t β_{t−1}))
     asym: l_t = β_t √m_t ẑ_t, p_t = √m_t ẑ_t            (ω_t = β_t)
 The mask always acts in "sqrt" fashion, so masked lag pairs (m_t m_{t−1} = 0) drop out.
 
-Readout (ska.md §6–§8), per operator with G̃ = G + εI = L Lᵀ:
+Readout (docs/ska.md §6–§8), per operator with G̃ = G + εI = L Lᵀ:
     A_w = L⁻¹ M L⁻ᵀ,  c = γ / max(1, σ̂(A_w))  (σ̂ detached power iteration),
     y = η · C L⁻ᵀ (c A_w)^K L⁻¹ q̂  =  η c^K C (G̃⁻¹ M)^K G̃⁻¹ q̂        (closed form)
 using B_v L w_f = C G̃⁻¹ L w_f = C L⁻ᵀ w_f, so no separate solve for B_v is needed.
@@ -32,7 +32,7 @@ from kvfree.linalg import (
     robust_factor,
 )
 
-L2_EPS = 1e-12  # ẑ = z / √(‖z‖² + 1e-12)  (ska.md §3)
+L2_EPS = 1e-12  # ẑ = z / √(‖z‖² + 1e-12)  (docs/ska.md §3)
 SEQMAX_FLOOR = 1e-6  # m = max(max_s ‖z_s‖, 1e-6)
 
 
@@ -111,7 +111,7 @@ class ReadoutInfo:
 
 
 def whitened_operator(Li: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """A_w = L⁻¹ M L⁻ᵀ [..., r, r] from Li = L⁻¹ (ska.md §6.2; never the mixed gauge
+    """A_w = L⁻¹ M L⁻ᵀ [..., r, r] from Li = L⁻¹ (docs/ska.md §6.2; never the mixed gauge
     M G̃⁻¹ applied to L⁻¹q, never L⁻ᵀ M L⁻¹)."""
     return Li @ M @ Li.transpose(-1, -2)
 
@@ -168,7 +168,7 @@ def token_causal(G0, M0, C0, prev, x, u, l, p, q, gamma, eta, cfg, counter=None)
 
 def full_sequence(G0, M0, C0, prev, x, u, l, p, q, gamma, eta, cfg, counter=None):
     """Prefix/masked form: one operator per (b, h) from all written tokens (plus the carried
-    statistics), applied to every position (ska.md eqs. 4–6)."""
+    statistics), applied to every position (docs/ska.md eqs. 4–6)."""
     G = G0 + torch.einsum("bthi,bthj->bhij", x, x)
     M = M0 + torch.einsum("bthi,bthj->bhij", l, shift_prev(p, prev))
     C = C0 + torch.einsum("bthi,bthj->bhij", u, x)
@@ -193,7 +193,7 @@ def chunk_causal(
     cfg,
     counter=None,
 ):
-    """Chunk-causal parallel form (ska.md §5, paper eqs. 7–10) continuing from a decoder state.
+    """Chunk-causal parallel form (docs/ska.md §5, paper eqs. 7–10) continuing from a decoder state.
 
     ``committed`` = (G, M, C) of all closed chunks, ``pending`` = sums of the open chunk, ``pos``
     the absolute position of x's first token. Chunks are aligned to absolute positions: x is

@@ -1,5 +1,5 @@
 """Holographic Reference Beam Decoding (HRBD): FDM's post-hoc layer-0 adapter, as implemented
-in the original ``holographic_multihead.py`` (fdm.md §7 "as implemented").
+in the original ``holographic_multihead.py`` (docs/fdm.md §7 "as implemented").
 
 Glossary (H heads, D = d_model, layer ℓ = 0 by default):
     r_t        [D]     layer ℓ's input (token + position embedding for ℓ = 0), gradient-detached

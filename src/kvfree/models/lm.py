@@ -6,7 +6,7 @@
     out = model.generate(ids, max_new_tokens)  # prefill + step (constant memory for fixed mixers)
 
 ``forward`` and ``prefill`` + ``step`` compute the same function: decoding that does not
-reproduce the trained forward is a bug (DESIGN.md §1).
+reproduce the trained forward is a bug (docs/design.md §1).
 """
 
 from __future__ import annotations

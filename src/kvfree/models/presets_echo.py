@@ -1,4 +1,4 @@
-"""Echo presets (Sridhar & Johansen, arXiv 2605.06997; ska.md §13): the sub-million synthetic
+"""Echo presets (Sridhar & Johansen, arXiv 2605.06997; docs/ska.md §13): the sub-million synthetic
 models, Echo-50M and Echo-180M (Mamba-2 + SKA, Spectral Koopman MLPs), and the small CPU
 models of the SKA recall experiment.
 
@@ -45,7 +45,7 @@ def echo_ssm_ska_1m() -> ModelConfig:
     )
 
 
-# ----- language models (paper §3.4, §4.3; ska.md §13.2) -------------------------------------
+# ----- language models (paper §3.4, §4.3; docs/ska.md §13.2) -------------------------------------
 def _echo_lm(
     d: int, n_layers: int, ska_at: tuple[int, ...], rank: int, heads: int, d_state: int
 ) -> ModelConfig:

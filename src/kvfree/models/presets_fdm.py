@@ -1,4 +1,4 @@
-"""Fan Duality Model presets (fdm.md §8) and their Transformer comparisons.
+"""Fan Duality Model presets (docs/fdm.md §8) and their Transformer comparisons.
 
 | preset                       | what                                                           |
 |------------------------------|----------------------------------------------------------------|
@@ -17,7 +17,7 @@ and an untied output head (``MQAR_INIT``). With the LM default (0.02, tied) the 
 at 0.11 on Easy after 40 epochs while FDM K = 16 reached 0.999.
 
 Override anything with ``preset(name, vocab_size=..., max_len=...)``. Every FDM preset keeps
-one W for training and evaluation (fdm.md §4.4).
+one W for training and evaluation (docs/fdm.md §4.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Presets of the recall benchmark's main job (``kvfree demo``; tasks.md §2): CPU-sized
+"""Presets of the recall benchmark's main job (``kvfree demo``; docs/tasks.md §2): CPU-sized
 2-layer models at d = 64 on Echo's MQAR-with-gap vocabulary (V = 192).
 
 | preset                   | layers                   | memory                                   |
@@ -10,7 +10,7 @@
 | recall-mamba2-ska-prefix | mamba2, ska (prefix)     | fixed; **oracle** prefix mask, seqmax    |
 | recall-fdm               | fdm ×2 (MQAR variant)    | fixed: scan + global top-16 cache        |
 
-The causal SKA row uses the β write gate (ska.md §4): with ℓ2-normalised keys every token
+The causal SKA row uses the β write gate (docs/ska.md §4): with ℓ2-normalised keys every token
 writes with unit strength, and without the gate the 2-layer model stayed at the H_M/M plateau
 (0.34 at M = 8, gap 64, after 1 750 steps of batch 64) while with it reached 0.82 after 1 500.
 The oracle-mask row divides by the sequence max (seqmax) as the paper does for MQAR.
@@ -70,7 +70,7 @@ PRESETS = {
 
 def oracle_mask(cfg: ModelConfig) -> bool:
     """True when a layer is SKA in ``prefix``/``masked`` mode: it must be fed the task's
-    oracle prefix mask (reported separately, labelled, ska.md §16)."""
+    oracle prefix mask (reported separately, labelled, docs/ska.md §16)."""
     return any(
         name == "ska" and cfg.options_for(i).get("mode") in ("prefix", "masked")
         for i, name in enumerate(cfg.layers)

@@ -1,4 +1,4 @@
-"""Synthetic recall tasks, one module each (tasks.md). ``make(name, seed, **options)``."""
+"""Synthetic recall tasks, one module each (docs/tasks.md). ``make(name, seed, **options)``."""
 
 from kvfree.tasks.base import (
     IGNORE,

@@ -1,4 +1,4 @@
-"""Shared conventions for every synthetic task (tasks.md §0).
+"""Shared conventions for every synthetic task (docs/tasks.md §0).
 
 A task is one module ``kvfree/tasks/<name>.py`` exposing
 
@@ -9,7 +9,7 @@ A task is one module ``kvfree/tasks/<name>.py`` exposing
 and an entry in :data:`_REGISTRY` below. ``make(name, seed, **options)`` builds the config
 strictly (an unknown option raises, naming the valid ones) and calls ``generate``.
 
-Data contract (tasks.md §0):
+Data contract (docs/tasks.md §0):
 
 - ``inputs`` [N, L] int64 and ``labels`` [N, L] int64, where ``labels[:, t]`` is the token to
   predict from ``inputs[:, ≤ t]`` and −100 (:data:`IGNORE`) means "not scored";

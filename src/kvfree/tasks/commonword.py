@@ -1,4 +1,4 @@
-"""CommonWord: the most frequent word (tasks.md §4.6) [project definition, after RULER's
+"""CommonWord: the most frequent word (docs/tasks.md §4.6) [project definition, after RULER's
 common-words extraction; RULER asks for the top 10 of a long list, this for the single top one].
 
     layout   n distinct words from set A; the target occurs 3 times, every other word once,

@@ -1,4 +1,4 @@
-"""FDM's MQAR format (tasks.md §3; the original ``mqar.py``).
+"""FDM's MQAR format (docs/tasks.md §3; the original ``mqar.py``).
 
     tokens   keys 0–127 (distinct within a sequence), values 128–255, SEP = 256, PAD = 257;
              model vocabulary 522 as in the original (ids ≥ 258 never occur)

@@ -1,6 +1,6 @@
-"""Zoology's Multi-Query Associative Recall (tasks.md §1; zoology ``multiquery_ar`` @ dbcb60d).
+"""Zoology's Multi-Query Associative Recall (docs/tasks.md §1; zoology ``multiquery_ar`` @ dbcb60d).
 
-Glossary (tasks.md §1.1):
+Glossary (docs/tasks.md §1.1):
     V       vocabulary size; keys in [1, V/2), values in [V/2, V); token 0 = "empty"
     L       input length (even);  K = pairs;  P = num_passes (JRT repetitions)
     space   (L − 2KP)/2 query slots (even offsets of the query region)
@@ -136,7 +136,7 @@ def generate(cfg: Config, seed: int):
 
 
 # ----------------------------------------------------------------------------- standard grids
-# (L, K, n) segments of tasks.md §1.4. Zoology's test segments hold 1k examples each.
+# (L, K, n) segments of docs/tasks.md §1.4. Zoology's test segments hold 1k examples each.
 
 GRIDS = {
     "based": {

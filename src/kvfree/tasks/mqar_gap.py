@@ -1,4 +1,4 @@
-"""Echo's MQAR-with-gap: M key–value pairs, a distractor gap, then the queries (tasks.md §2).
+"""Echo's MQAR-with-gap: M key–value pairs, a distractor gap, then the queries (docs/tasks.md §2).
 
 [project definition] — the paper publishes no token format:
 

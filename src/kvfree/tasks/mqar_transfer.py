@@ -1,4 +1,4 @@
-"""MQAR in the suite's shared format, for zero-shot transfer (tasks.md §4.7) [project format].
+"""MQAR in the suite's shared format, for zero-shot transfer (docs/tasks.md §4.7) [project format].
 
 layout   k₁ v₁ … k_n v_n (keys distinct from set A, values distinct), filler, then n
          queries ``QRY k v`` in a uniformly random order

@@ -1,4 +1,4 @@
-"""Two-hop (and h-hop) retrieval (tasks.md §4.5) [project format, §4.1].
+"""Two-hop (and h-hop) retrieval (docs/tasks.md §4.5) [project format, §4.1].
 
     chains   n chains a_i → b_i → v_i (h = 2): a_i distinct from set A, b_i distinct from
              set B, v_i distinct values; h hops use h − 1 intermediate B keys per chain

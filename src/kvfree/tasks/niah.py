@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack with length generalisation (tasks.md §4.4) [project format, §4.1].
+"""Needle-in-a-haystack with length generalisation (docs/tasks.md §4.4) [project format, §4.1].
 
     layout   filler haystack with n needles ``k_i v_i`` (keys distinct from set A, values
              distinct from the value range) at uniformly random non-overlapping positions in

@@ -1,4 +1,4 @@
-"""The Echo sub-million suite's shared vocabulary, layout helper and grid (tasks.md §4.1).
+"""The Echo sub-million suite's shared vocabulary, layout helper and grid (docs/tasks.md §4.1).
 
 [project definition] One token-level format for SysPrompt, ToolTrace, NIAH, MultiHop,
 CommonWord and transfer-MQAR (V = 128), so that zero-shot transfer between them is meaningful:
@@ -119,7 +119,7 @@ def grid_cells(task: str, lengths=GRID_LENGTHS, counts=GRID_COUNTS) -> tuple[lis
 
 
 def curriculum(seed: int, num_examples: int, seq_len: int = 64, max_n: int = 8) -> TaskData:
-    """Echo's training mix (tasks.md §4.1): 50 % SysPrompt + 50 % ToolTrace at ``seq_len``,
+    """Echo's training mix (docs/tasks.md §4.1): 50 % SysPrompt + 50 % ToolTrace at ``seq_len``,
     n uniform in {1, …, max_n} (equal shares per n), shuffled with ``seed``."""
     from kvfree.tasks.base import make_rng
 

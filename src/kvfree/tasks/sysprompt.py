@@ -1,4 +1,4 @@
-"""System-variable retrieval after a noisy chain-of-thought scratchpad (tasks.md §4.2)
+"""System-variable retrieval after a noisy chain-of-thought scratchpad (docs/tasks.md §4.2)
 [project format, §4.1].
 
     layout   ``SYS k₁ v₁ … k_n v_n END`` (keys distinct from set A, values distinct), then g

@@ -1,4 +1,4 @@
-"""Tool-call history retrieval, plain and with a delayed commit (tasks.md §4.3)
+"""Tool-call history retrieval, plain and with a delayed commit (docs/tasks.md §4.3)
 [project format, §4.1].
 
 Plain (``delayed=False``):

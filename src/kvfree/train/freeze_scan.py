@@ -1,4 +1,4 @@
-"""Freeze-Scan: FDM's two-phase training schedule (fdm.md §6).
+"""Freeze-Scan: FDM's two-phase training schedule (docs/fdm.md §6).
 
 Phase 1 trains every parameter. From step ``phase1_steps`` on, phase 2 freezes exactly the
 wave parameters the original ``--freeze_wave`` flag froze — every parameter whose dotted name

@@ -1,5 +1,5 @@
 """Language-model evaluation: perplexity and bits per byte, through the parallel forward and
-through prefill + token-by-token decoding (the two must agree: DESIGN.md §1).
+through prefill + token-by-token decoding (the two must agree: docs/design.md §1).
 
 Definitions, over the scored tokens (every label of every window):
 
