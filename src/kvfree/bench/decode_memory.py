@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from kvfree.perf import MAX_MMAP_THRESHOLD, set_mmap_threshold
+
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -63,18 +65,8 @@ def trim_heap() -> bool:
     return True
 
 
-M_MMAP_THRESHOLD = -3  # mallopt(3) parameter number in glibc's malloc.h
 #: glibc's upper bound for its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-TIMING_MMAP_THRESHOLD = 32 * 2**20
-
-
-def set_mmap_threshold(nbytes: int) -> bool:
-    """``mallopt(M_MMAP_THRESHOLD, nbytes)``: later allocations of at least ``nbytes`` are
-    mmap-ed; False where glibc's mallopt is absent (then nothing changed)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+TIMING_MMAP_THRESHOLD = MAX_MMAP_THRESHOLD
 
 
 class AllocatorPhases:

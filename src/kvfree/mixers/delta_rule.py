@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvfree import perf
+
 L2_EPS = 1e-6
 
 
@@ -75,12 +77,13 @@ def delta_rule_chunked(q, k, v, beta, S0, *, g=None, scale: float, chunk_size: i
 
     S = S0
     S_prev, U_new = [], []
-    for n in range(N):  # inter-chunk recurrence: the state-dependent part only
+    Us, Ws, Ks = (perf.unbind(t, 2) for t in (U, W, k_out.transpose(-1, -2)))
+    decays = [None] * N if decay is None else perf.unbind(decay, 2)
+    for u_n, w_n, kt_n, d_n in zip(Us, Ws, Ks, decays):  # inter-chunk recurrence only
         S_prev.append(S)
-        u = U[:, :, n] - W[:, :, n] @ S  # U′ [B, H, C, d_v]
+        u = u_n - w_n @ S  # U′ [B, H, C, d_v]
         U_new.append(u)
-        S_in = S if decay is None else decay[:, :, n] * S
-        S = S_in + k_out[:, :, n].transpose(-1, -2) @ u
+        S = (S if d_n is None else d_n * S) + kt_n @ u
     S_prev_t = torch.stack(S_prev, 2)  # [B, H, N, d_k, d_v]
     o = q_in @ S_prev_t + P @ torch.stack(U_new, 2)  # [B, H, N, C, d_v]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, dv)[:, :T]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfree import perf
 from kvfree.blocks import CausalConv1d
 from kvfree.mixers.base import Mixer
 from kvfree.state import State
@@ -88,9 +89,9 @@ def ssd_chunked(X, dA, B, C, h0, chunk_size: int):
     # 3. inter-chunk recurrence (a short loop over chunks, none over time)
     chunk_decay = ell[..., -1].exp()  # exp(Λ_c)  [b, H, n]
     h, prev = h0, []
-    for c in range(n):
+    for d_c, s_c in zip(perf.unbind(chunk_decay, 2), perf.unbind(states, 1)):
         prev.append(h)
-        h = chunk_decay[:, :, c, None, None] * h + states[:, c]
+        h = d_c[:, :, None, None] * h + s_c
     H_prev = torch.stack(prev, 1)  # H_{c−1}  [b, n, H, P, N]
     # 4. off-diagonal term
     Y = Y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, H_prev, ell.exp())

@@ -104,11 +104,18 @@ class LanguageModel(nn.Module):
         return ModelState([b.init_state(batch, device=device, dtype=dtype) for b in self.blocks])
 
     def forward(
-        self, ids: torch.Tensor, state: ModelState | None = None, mask: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        state: ModelState | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        select: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ModelState]:
         """Parallel forward over ``ids`` [B, T] (continuing from ``state`` if given).
 
         ``mask`` [B, T] is the oracle write mask, passed only to mixers that accept one.
+        ``select`` [B, T] bool: return the logits at the selected positions only, [n, V] in
+        row-major order (what a training loss over labelled positions needs; perf.py).
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(
@@ -123,6 +130,8 @@ class LanguageModel(nn.Module):
         for block, mixer, s in zip(self.blocks, self.mixers(), layer_states):
             x, s = block(x, s, mask if mixer.supports_mask else None)
             new_states.append(s)
+        if select is not None:
+            x = x[select]
         return self._logits(x), ModelState(new_states, pos + ids.shape[1])
 
     @torch.no_grad()

@@ -88,7 +88,10 @@ def global_mean_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, global mean loss to report) for a data-parallel step."""
     nll = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     stats = torch.stack([nll.detach(), (labels != -100).sum().to(nll.dtype)])
     dist.all_reduce(stats)
