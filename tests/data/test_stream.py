@@ -1,5 +1,7 @@
 """Token streams: the batch function is a pure function of the step; evaluation windows."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,10 @@ def test_eval_windows_cover_the_stream_once():
         eval_windows(TOKENS[:10], 64)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("tokenizers") is None,
+    reason="needs the text extra: pip install 'kvfree[text]'",
+)
 def test_encode_docs_joins_documents_losslessly():
     docs = ["first document", "second — ü", "third"]
     byte = ByteTokenizer()

@@ -10,7 +10,13 @@ from kvfree.data.tokenizer import (
     ByteTokenizer,
     build_tokenizer,
     bytes_to_unicode,
+    check_spec,
     from_spec,
+)
+
+needs_text = pytest.mark.skipif(
+    importlib.util.find_spec("tokenizers") is None,
+    reason="needs the text extra: pip install 'kvfree[text]'",
 )
 
 TEXT = (
@@ -44,6 +50,7 @@ def test_bytes_to_unicode_is_a_bijection_onto_printables():
     assert table[ord("A")] == "A"
 
 
+@needs_text
 def test_bpe_is_lossless_and_compresses(bpe):
     assert bpe.vocab_size == 300
     ids = bpe.encode(TEXT)
@@ -52,12 +59,14 @@ def test_bpe_is_lossless_and_compresses(bpe):
     assert len(bpe.encode(seen)) < len(seen.encode()) / 2  # merges learnt on the corpus
 
 
+@needs_text
 def test_bpe_token_bytes_sum_to_utf8_length(bpe):
     for text in (TEXT, TRAIN[3], "ü" * 7):
         ids = bpe.encode(text)
         assert int(bpe.token_bytes[ids].sum()) == len(text.encode())
 
 
+@needs_text
 def test_spec_round_trip_rebuilds_the_same_tokenizer(bpe):
     again = from_spec(bpe.spec())
     assert again.encode(TEXT) == bpe.encode(TEXT)
@@ -66,6 +75,7 @@ def test_spec_round_trip_rebuilds_the_same_tokenizer(bpe):
         from_spec({"kind": "sentencepiece"})
 
 
+@needs_text
 def test_build_tokenizer_caches_bpe(tmp_path):
     a = build_tokenizer("bpe:280", TRAIN, cache=tmp_path)
     files = list(tmp_path.glob("bpe-280-*.json"))
@@ -87,3 +97,21 @@ def test_cl100k_when_installed():
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT and tok.vocab_size >= 100_000
     assert int(tok.token_bytes[ids].sum()) == len(TEXT.encode())
+
+
+@pytest.mark.parametrize("name", ["bpe4096", "bpe:abc", "bpe:", "bpe", "bpe:-5", "bytes"])
+def test_tokenizer_spec_is_strict(name):
+    with pytest.raises(ValueError, match="bpe:N|unknown tokenizer"):
+        check_spec(name)
+    assert check_spec("bpe:4096") == ("bpe", 4096) and check_spec("byte") == ("byte", None)
+
+
+def test_missing_text_extra_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'kvfree\[text\]'"):
+        BPETokenizer.train(TRAIN, 300)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    with pytest.raises(ImportError, match=r"pip install 'kvfree\[text\]'"):
+        build_tokenizer("cl100k")

@@ -41,15 +41,26 @@ def train(
     out: str = typer.Option(None, help="Run folder (default runs/lm-<preset>)."),
     corpus: str = typer.Option(None, help="Corpus: built name (en), text file/folder, hf:NAME."),
     tokenizer: str = typer.Option(None, help="byte | bpe:N | cl100k."),
-    seq_len: int = typer.Option(None, help="Training window length (tokens)."),
-    batch_size: int = typer.Option(None, help="Global batch size (sequences per step)."),
-    steps: int = typer.Option(None, help="Training steps."),
+    seq_len: int = typer.Option(None, min=1, help="Training window length (tokens)."),
+    batch_size: int = typer.Option(None, min=1, help="Global batch size (sequences per step)."),
+    steps: int = typer.Option(
+        None, min=1, help="Training steps (total, counting a resumed run's)."
+    ),
     lr: float = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(None, help="Seed (model init, dropout)."),
     set_: list[str] = typer.Option(
         None, "--set", help="Override: section.key=JSON, e.g. train.eval_every=100 (repeatable)."
     ),
     resume: bool = typer.Option(False, help="Continue from <out>/checkpoints/last.pt."),
+    from_: str = typer.Option(
+        None,
+        "--from",
+        help="Resume from this checkpoint instead: best (<out>/checkpoints/best.pt), last, "
+        "or a file (implies --resume).",
+    ),
+    threads: int = typer.Option(
+        None, min=1, help="Torch CPU threads (default: free physical cores; see kvfree info)."
+    ),
 ) -> None:
     """Train an LM with checkpoints, exact resume and a final parallel + decode evaluation.
 
@@ -60,8 +71,12 @@ def train(
 
     from kvfree.train import distributed as D
     from kvfree.train.lm import LMRunConfig, run_lm
+    from kvfree.train.trainer import TrainingInterrupted
+    from kvfree.utils import set_threads
 
     D.init_from_env()
+    set_threads(threads, workers=D.world_size())
+    resume = from_ or resume
     cfg: dict = json.loads(Path(config).read_text()) if config else {}
     if resume and out and (Path(out) / "config.json").exists() and not config:
         cfg = json.loads((Path(out) / "config.json").read_text())
@@ -86,7 +101,20 @@ def train(
     if not run_cfg.preset and not run_cfg.model:
         raise typer.BadParameter("give --preset NAME or --config FILE with a model section")
     out = out or f"runs/lm-{run_cfg.preset or 'custom'}"
-    summary = run_lm(run_cfg, out, resume=resume)
+    try:
+        summary = run_lm(run_cfg, out, resume=resume)
+    except TrainingInterrupted as e:
+        if D.is_main():
+            import shlex
+            import sys
+
+            print(f"\n{e}", file=sys.stderr)
+            if e.path is not None:
+                print(
+                    f"resume with: kvfree train --out {shlex.quote(str(out))} --resume",
+                    file=sys.stderr,
+                )
+        raise typer.Exit(130) from None
     if D.is_main():
         val = summary.get("val", {})
         p = val.get("parallel", {})

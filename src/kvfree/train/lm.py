@@ -110,8 +110,67 @@ def prepare_data(cfg: DataConfig, log=print):
     return corpus, tok, train, val
 
 
-def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print) -> dict:
-    """Train (or resume) one LM run in ``out`` and evaluate it; returns the summary."""
+def resume_checkpoint(out: str | Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint a run in ``out`` continues from: None for a new run (refused if ``out``
+    already has one), ``checkpoints/last.pt`` for ``True``/``"last"``, ``checkpoints/best.pt``
+    for ``"best"``, else the given file. Raises FileNotFoundError when there is nothing to
+    resume, FileExistsError when a new run would overwrite one."""
+    ckpts = Path(out) / "checkpoints"
+    if not resume:
+        if (ckpts / "last.pt").exists():
+            raise FileExistsError(
+                f"{out} already has a checkpoint: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        return None
+    named = {"last": ckpts / "last.pt", "best": ckpts / "best.pt"}
+    path = named["last"] if resume is True else named.get(resume) or Path(resume)
+    if not path.exists():
+        others = sorted(p.name for p in ckpts.glob("*.pt")) if ckpts.is_dir() else []
+        hint = (
+            f" (it has {', '.join(others)}: --from {Path(others[0]).stem})"
+            if others
+            else "; drop --resume to start a new run"
+        )
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist{hint}")
+    return path
+
+
+def check_config(cfg: LMRunConfig) -> None:
+    """Refuse a run config that cannot train, before any data is loaded or file written: bad
+    counts, an invalid tokenizer spec, an unknown preset or model key, seq_len over max_len."""
+    from kvfree.data.tokenizer import check_spec
+
+    for name, value, low in (
+        ("train.steps", cfg.train.steps, 1),
+        ("data.seq_len", cfg.data.seq_len, 1),
+        ("data.batch_size", cfg.data.batch_size, 1),
+        ("data.eval_windows", cfg.data.eval_windows, 1),
+        ("data.final_eval_windows", cfg.data.final_eval_windows, 0),
+        ("data.decode_windows", cfg.data.decode_windows, 0),
+        ("data.decode_prefill", cfg.data.decode_prefill, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    if not cfg.train.lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {cfg.train.lr!r}")
+    check_spec(cfg.data.tokenizer)
+    model_cfg = cfg.model_config(256)  # vocab_size does not matter for these checks
+    if model_cfg.max_len is not None and cfg.data.seq_len > model_cfg.max_len:
+        raise ValueError(
+            f"seq_len={cfg.data.seq_len} exceeds the model's max_len={model_cfg.max_len}; "
+            f"use --seq-len ≤ {model_cfg.max_len}"
+        )
+
+
+def run_lm(
+    cfg: LMRunConfig, out: str | Path, *, resume: bool | str | Path = False, log=print
+) -> dict:
+    """Train (or resume) one LM run in ``out`` and evaluate it; returns the summary.
+
+    ``resume``: False (a new run), True or "last" (``checkpoints/last.pt``), "best", or a
+    checkpoint file. Everything is checked (config, data, checkpoint against the model) before
+    ``config.json`` is written, so a refused run leaves the folder as it was."""
     from kvfree.data.stream import TokenBatches, eval_windows
     from kvfree.models import LanguageModel
     from kvfree.report.tables import write_json
@@ -119,10 +178,8 @@ def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print
     out = Path(out)
     if not D.is_main():
         log = _quiet
-    if (out / "checkpoints" / "last.pt").exists() and not resume:
-        raise FileExistsError(
-            f"{out} already has a checkpoint: pass --resume to continue it, or choose another --out"
-        )
+    ckpt_path = resume_checkpoint(out, resume)
+    check_config(cfg)
     corpus, tok, train_tokens, val_tokens = prepare_data(cfg.data, log)
     model_cfg = cfg.model_config(tok.vocab_size)
     torch.manual_seed(cfg.train.seed)
@@ -134,7 +191,18 @@ def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print
     def eval_fn(m):
         return summarize(nll_parallel(m, ev_in, ev_lab), ev_lab, tok.token_bytes)
 
-    if D.is_main():
+    trainer = Trainer(  # loads and checks the checkpoint against the model
+        model,
+        cfg.train,
+        batches,
+        run_dir=out,
+        eval_fn=eval_fn,
+        schedule=build_schedule(cfg.schedule, cfg.schedule_options),
+        desc=out.name,
+        resume=ckpt_path,
+        meta={"tokenizer": tok.spec(), "data": to_dict(cfg.data)},
+    )
+    if D.is_main():  # only now that everything checked out (atomic write)
         write_json(
             out / "config.json",
             {
@@ -145,17 +213,6 @@ def run_lm(cfg: LMRunConfig, out: str | Path, *, resume: bool = False, log=print
                 "corpus_manifest": corpus.manifest,
             },
         )
-    trainer = Trainer(
-        model,
-        cfg.train,
-        batches,
-        run_dir=out,
-        eval_fn=eval_fn,
-        schedule=build_schedule(cfg.schedule, cfg.schedule_options),
-        desc=out.name,
-        resume=resume,
-        meta={"tokenizer": tok.spec(), "data": to_dict(cfg.data)},
-    )
     log(
         f"{out.name}: {n_params:,} parameters, {cfg.train.steps} steps of "
         f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens"

@@ -14,8 +14,12 @@ steps and at the end to ``run_dir/checkpoints/last.pt`` (+ ``best.pt`` by ``best
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +46,43 @@ from kvfree.train.optim import param_groups, warmup_cosine
 from kvfree.utils import default_device, environment
 
 Batch = dict[str, torch.Tensor]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit`` stopped on SIGINT/SIGTERM after finishing a step; ``path`` is the checkpoint it
+    saved there (``run_dir/checkpoints/last.pt``; None without a run folder)."""
+
+    def __init__(self, step: int, path: Path | None, signame: str = "SIGINT"):
+        self.step, self.path, self.signame = step, path, signame
+        where = f"; saved {path}" if path is not None else " (no run folder: nothing saved)"
+        super().__init__(f"{signame}: training stopped at step {step}{where}")
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """While active, SIGINT/SIGTERM set ``flag["signal"]`` instead of killing the process (a
+    second one raises KeyboardInterrupt at once); the previous handlers are restored on exit.
+    Outside the main thread signals cannot be caught, and the flag stays unset."""
+    flag: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        print(
+            f"\n{flag['signal']}: saving a checkpoint after this step (again to abort)",
+            file=sys.stderr,
+        )
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -344,6 +385,35 @@ class Trainer:
         return self.elapsed if self._t_start is None else time.time() - self._t_start
 
     def fit(self) -> dict:
+        """Train to ``cfg.steps``; returns the summary. SIGINT/SIGTERM stop it after the current
+        step: it saves ``checkpoints/last.pt`` (with a run folder) and raises
+        :class:`TrainingInterrupted`."""
+        with interrupt_flag() as self._interrupt:
+            return self._fit()
+
+    def _stop_requested(self) -> bool:
+        flag = getattr(self, "_interrupt", None)
+        stop = flag is not None and flag["signal"] is not None
+        if self.world > 1:  # every rank stops at the same step (saving is collective)
+            t = torch.tensor([float(stop)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(t.item())
+        return stop
+
+    def _stop(self, bar) -> None:
+        bar.close()
+        path = None
+        if self.run_dir is not None:
+            path = self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self.elapsed, self._t_start = self._elapsed(), None
+        raise TrainingInterrupted(
+            self.step, path, (self._interrupt or {}).get("signal") or "SIGINT"
+        )
+
+    def _fit(self) -> dict:
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -366,6 +436,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         while self.step < self.cfg.steps:
+            if self._stop_requested():
+                self._stop(bar)
             loss = self.train_step(self.batches(self.step))
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
