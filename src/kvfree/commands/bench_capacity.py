@@ -30,12 +30,20 @@ def bench_capacity(
         True,
         help="Also run the structured stream (each pair written twice, 2 distractors) at d = 64.",
     ),
-    blas_threads: int = typer.Option(1, help="numpy BLAS threads (1 is fastest on busy CPUs)."),
+    blas_threads: int = typer.Option(
+        1, min=1, help="numpy BLAS threads (1 is fastest on busy CPUs)."
+    ),
+    threads: int = typer.Option(
+        None, min=1, help="Torch CPU threads (default: free physical cores)."
+    ),
 ) -> None:
     """Store N random key/value pairs in a d-dimensional state (linear attention, delta rule,
     ridge = SKA K=0, SKA K=2, softmax over a KV cache) and retrieve them: accuracy against
     the stored values and a 4096-row vocabulary as N/d grows (docs/tasks.md §5)."""
     from kvfree.bench.capacity import METHODS, run
+    from kvfree.utils import set_threads
+
+    set_threads(threads)
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in METHODS]

@@ -39,7 +39,11 @@ def bench_decode(
     warmup_steps: int = typer.Option(4, help="Untimed decode steps before them."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
-    threads: int = typer.Option(None, help="Torch threads in each worker (default: torch's)."),
+    threads: int = typer.Option(
+        None,
+        min=1,
+        help="Torch threads in each worker (default: free physical cores, found at the start).",
+    ),
     point_timeout: float = typer.Option(
         600,
         help="Seconds per point before it is killed; points predicted to take longer are skipped.",
@@ -75,6 +79,9 @@ def bench_decode(
 ) -> None:
     """Prefill N tokens, decode, and record state bytes, memory peaks and ms/token."""
     from kvfree.bench.decode import SUITES, DecodeBenchConfig, run
+    from kvfree.utils import set_threads
+
+    threads = set_threads(threads)  # this process (isolate=False) and every worker
 
     if suite not in SUITES:
         raise typer.BadParameter(f"unknown suite {suite!r}; choose from {sorted(SUITES)}")
@@ -114,7 +121,7 @@ def report_decode(
         None, help="Result folders or decode.json files (default: runs/bench-decode)."
     ),
     readme: str = typer.Option(
-        "README.md", help="README whose generated decode section is replaced ('' to only print)."
+        None, help="Also replace the generated decode section of this README (default: only print)."
     ),
     plots: bool = typer.Option(True, help="Also regenerate decode.md and the plots."),
 ) -> None:
@@ -128,7 +135,6 @@ def report_decode(
         for res in results:
             write_outputs(res, Path(res["source"]).parent)
     section = readme_section(results)
+    print(section)
     if readme:
         print(f"updated the decode section of {update_readme(readme, section)}")
-    else:
-        print(section)

@@ -26,7 +26,9 @@ def bench_fdm_mqar(
     lr: float = typer.Option(3e-3, help="Adam learning rate."),
     batch_size: int = typer.Option(128, help="Batch size."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    threads: int = typer.Option(
+        None, min=1, help="Torch CPU threads (default: free physical cores)."
+    ),
     resume: bool = typer.Option(True, help="Reuse finished runs found in OUT/runs."),
     readme: str = typer.Option(
         None, help="Also write the table into this README (section 'fdm-mqar')."
@@ -34,8 +36,6 @@ def bench_fdm_mqar(
 ) -> None:
     """Train FDM (K=0, K=16, ...) and Transformers (without / with positions) on FDM's MQAR;
     report final, best-validation and max-over-epochs test accuracy over seeds."""
-    import torch
-
     from kvfree.bench.fdm_mqar import MODELS, Protocol, run
     from kvfree.tasks.fdm_mqar import SETTINGS
 
@@ -49,8 +49,9 @@ def bench_fdm_mqar(
         seed_list = [int(s) for s in _list(seeds)]
     except ValueError:
         raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
-    if threads:
-        torch.set_num_threads(threads)
+    from kvfree.utils import set_threads
+
+    set_threads(threads)
     p = Protocol(epochs=epochs, lr=lr, batch_size=batch_size, num_examples=num_examples)
     res = run(out, _list(models), _list(settings), seed_list, p, device, resume=resume)
     print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md ({res['wall_seconds']:.0f} s)")

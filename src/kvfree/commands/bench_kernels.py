@@ -16,12 +16,18 @@ def bench_kernels(
     batch: int = typer.Option(1, help="Batch size."),
     repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    threads: int = typer.Option(
+        None, min=1, help="Torch CPU threads (default: free physical cores)."
+    ),
     readme: str = typer.Option(
         None, help="Also write the table into this README (section 'kernels')."
     ),
 ) -> None:
     """Time each mixer's parallel (chunked) form against its per-token loop."""
     from kvfree.bench.kernels import run
+    from kvfree.utils import set_threads
+
+    set_threads(threads)
 
     res = run(
         out,
