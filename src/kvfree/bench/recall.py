@@ -22,6 +22,7 @@ Outputs in ``out/``: ``results.jsonl`` (every row), ``summary.json`` (best LR, p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -115,16 +116,29 @@ class Batches:
 
 def evaluate(model, data: TaskData, mask: str | None, batch: int, device) -> float:
     """Mean per-example accuracy (argmax over the full vocabulary)."""
+    return evaluate_with_loss(model, data, mask, batch, device)[0]
+
+
+def evaluate_with_loss(
+    model, data: TaskData, mask: str | None, batch: int, device
+) -> tuple[float, float]:
+    """(mean per-example accuracy, mean cross-entropy over the scored positions)."""
     import torch
 
+    from kvfree.train import lm_loss
+
     model.eval()
-    preds = []
+    preds, nll, count = [], 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), batch):
             b = data.batch(np.arange(i, min(i + batch, len(data))), mask=mask, device=device)
             logits, _ = model(b["inputs"], mask=b.get("mask"))
             preds.append(logits.argmax(-1).cpu().numpy())
-    return float(np.nanmean(example_accuracy(np.concatenate(preds), data.labels)))
+            n = int((b["labels"] != -100).sum())
+            nll += float(lm_loss(logits, b["labels"])) * n
+            count += n
+    acc = float(np.nanmean(example_accuracy(np.concatenate(preds), data.labels)))
+    return acc, nll / max(count, 1)
 
 
 def measure_state(model, data: TaskData, mask: str | None, device) -> tuple[int, int | None]:
@@ -181,6 +195,17 @@ def parse_model(spec: str) -> tuple[str, dict]:
     return name, out
 
 
+def model_fingerprint(model_spec: str, vocab_size: int) -> str:
+    """Hash of the model's full config (a changed preset invalidates finished runs)."""
+    from kvfree.models import preset as get_preset
+
+    name, overrides = parse_model(model_spec)
+    cfg = get_preset(name, vocab_size=vocab_size, **overrides).to_dict()
+    return hashlib.blake2b(
+        json.dumps(cfg, sort_keys=True, default=str).encode(), digest_size=6
+    ).hexdigest()
+
+
 def run_job(
     grid: RecallGrid,
     job: Job,
@@ -190,26 +215,49 @@ def run_job(
     on_step=None,
     threads: int | None = None,
 ) -> dict:
-    """Train and evaluate one job; returns {"job", "rows", "train"} (also written to disk)."""
+    """Train one job to convergence or to the cap (recall_convergence.py), evaluate every cell
+    on its test set; returns {"job", "rows", "train", "curve"} (also written to disk).
+
+    Checkpoints go to ``jobs/<id>/checkpoints`` at every evaluation: an interrupted job resumes
+    from there with the same learning curve (deleted when the job has finished)."""
+    import shutil
+
     import torch
 
-    from kvfree.report.tables import write_json
-    from kvfree.train import Schedule, TrainConfig, Trainer
+    from kvfree import perf
+    from kvfree.bench.recall_convergence import THRESHOLDS, Convergence
+    from kvfree.report.tables import atomic_write, write_json
+    from kvfree.train import TrainConfig, Trainer
     from kvfree.utils import default_device, environment
 
     if threads:
         torch.set_num_threads(threads)
+    perf.tune_allocator()
     device = torch.device(device) if device else default_device()
     probe = _cell_data(grid, job.eval_cells[0], "val", 1)
     model, mask = build_model(job.model, probe.vocab_size, job.seed)
     batches = Batches(grid, job, mask)
-
-    class Progress(Schedule):
-        def on_step(self, trainer):
-            if on_step is not None and trainer.step > 0:
-                on_step(1)
-
     steps = batches.steps()
+    conv = Convergence(
+        eval_every=grid.eval_every,
+        target=grid.target,
+        patience=grid.patience,
+        min_delta_acc=grid.min_delta_acc,
+        min_delta_loss=grid.min_delta_loss,
+        batch_size=grid.batch_size,
+        on_step=on_step,
+    )
+    val_sets = {cell_key(c): _cell_data(grid, c, "val", grid.n_val) for c in job.eval_cells}
+    trainer: Trainer | None = None
+
+    def eval_fn(m) -> dict:
+        accs, losses = {}, []
+        for key, data in val_sets.items():
+            accs[key], loss = evaluate_with_loss(m, data, mask, grid.eval_batch, device)
+            losses.append(loss)
+        conv.record(trainer.step, accs, float(np.mean(losses)))
+        return {"val_acc": float(np.mean(list(accs.values()))), "val_loss": conv.curve[-1]["loss"]}
+
     cfg = TrainConfig(
         steps=steps,
         lr=job.lr,
@@ -219,19 +267,48 @@ def run_job(
         seed=job.seed,
         device=str(device),
         progress=False,
-        log_every=max(1, steps // 20),
+        log_every=max(1, min(steps // 20, grid.eval_every or steps)),
+        eval_every=grid.eval_every,
+        checkpoint_every=grid.eval_every,
+        keep_best=False,
+        best_metric="val_loss",
     )
     run_dir = out_dir / "jobs" / job.id
+    stamp = run_dir / "fingerprint"
+    fingerprint = f"{grid.fingerprint()}-{model_fingerprint(job.model, probe.vocab_size)}"
+    if run_dir.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(run_dir)  # a run of another grid or model: start afresh
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    if not resume:
+        atomic_write(stamp, fingerprint)
     t0 = time.time()
-    summary = Trainer(model, cfg, batches, run_dir=run_dir, schedule=Progress(), desc=job.id).fit()
-    if on_step is not None:
-        on_step(1)  # the last step (the hook runs before each step)
-    train_s = time.time() - t0
+    trainer = Trainer(
+        model,
+        cfg,
+        batches,
+        run_dir=run_dir,
+        eval_fn=eval_fn if grid.eval_every else None,
+        schedule=conv,
+        desc=job.id,
+        resume=resume,
+    )
+    resumed_at = trainer.step
+    if on_step is not None and resumed_at:
+        on_step(resumed_at)
+    summary = trainer.fit()
+    if on_step is not None:  # the last step, and the steps an early stop left out
+        on_step(1 + steps - trainer.step)
+    train_s = summary["train_seconds_total"]
+    outcome = conv.status or "budget"
     rows = []
     for cell in job.eval_cells:
-        val = _cell_data(grid, cell, "val", grid.n_val)
+        key = cell_key(cell)
         test = _cell_data(grid, cell, "test", grid.n_test)
         measured, formula = measure_state(model, test, mask, device)
+        reached = {
+            f"examples_to_{t:g}": conv.first_examples(key, t) if conv.curve else None
+            for t in THRESHOLDS
+        }
         rows.append(
             {
                 "grid": grid.name,
@@ -239,18 +316,25 @@ def run_job(
                 "model": job.model,
                 "seed": job.seed,
                 "lr": job.lr,
-                "cell": cell_key(cell),
+                "cell": key,
                 **cell,
                 "seq_len": test.seq_len,
-                "val_acc": evaluate(model, val, mask, grid.eval_batch, device),
+                "val_acc": evaluate(model, val_sets[key], mask, grid.eval_batch, device),
                 "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
-                "n_val": len(val),
+                "n_val": grid.n_val,
                 "n_test": len(test),
                 "state_bytes": measured,
                 "state_bytes_formula": formula,
                 "params": model.num_parameters(),
                 "oracle_mask": mask is not None,
-                "steps": steps,
+                "steps": trainer.step,
+                "steps_cap": steps,
+                "examples_seen": trainer.step * grid.batch_size,
+                "outcome": outcome,
+                **reached,
+                "curve": [
+                    [p["step"] * grid.batch_size, round(p["acc"][key], 4)] for p in conv.curve
+                ],
                 "batch_size": grid.batch_size,
                 "train_seconds": train_s,
                 "final_loss": summary["final_loss"],
@@ -260,16 +344,25 @@ def run_job(
     result = {
         "job": {**job.__dict__, "id": job.id},
         "grid_fingerprint": grid.fingerprint(),
+        "fingerprint": fingerprint,
         "rows": rows,
-        "train": {**summary, "wall_seconds": time.time() - t0},
+        "curve": conv.curve,
+        "train": {
+            **summary,
+            "outcome": outcome,
+            "resumed_at_step": resumed_at,
+            "wall_seconds": time.time() - t0,
+        },
         "env": environment(device),
     }
     write_json(out_dir / "jobs" / f"{job.id}.json", result)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
 
 
 def load_job(out_dir: Path, grid: RecallGrid, job: Job) -> dict | None:
-    """The finished result of ``job`` if its file exists and matches the grid."""
+    """The finished result of ``job`` if its file exists and matches the grid and the model's
+    config."""
     path = out_dir / "jobs" / f"{job.id}.json"
     if not path.exists():
         return None
@@ -277,7 +370,9 @@ def load_job(out_dir: Path, grid: RecallGrid, job: Job) -> dict | None:
         res = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return res if res.get("grid_fingerprint") == grid.fingerprint() else None
+    vocab = _cell_data(grid, job.eval_cells[0], "val", 1).vocab_size
+    expected = f"{grid.fingerprint()}-{model_fingerprint(job.model, vocab)}"
+    return res if res.get("fingerprint") == expected else None
 
 
 # ----------------------------------------------------------------------------- the bench

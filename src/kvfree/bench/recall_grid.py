@@ -32,7 +32,12 @@ class RecallGrid:
     train_cells: list[dict] | None = None  # default: the evaluation cells
     train_examples: list[int] | None = None  # fixed train set sizes per train cell (epochs);
     #                                          None = fresh examples every step (online)
-    steps: int = 1000  # optimizer steps per run (fixed train sets: derived from epochs)
+    steps: int = 1000  # optimizer steps per run, the cap (fixed train sets: from epochs)
+    eval_every: int = 0  # validation curve every N steps (0: only at the end, no early stop)
+    target: float = 0.99  # stop when every cell's validation accuracy reaches this
+    patience: int = 0  # stop after N evaluations without improvement (0: never)
+    min_delta_acc: float = 0.005  # improvement: mean val accuracy up by this …
+    min_delta_loss: float = 0.01  # … or mean val loss down by this fraction of its best
     epochs: int | None = None  # with train_examples: epochs over the fixed set
     batch_size: int = 32
     lrs: list[float] = field(default_factory=lambda: [1e-3])
@@ -106,7 +111,10 @@ def _cpu() -> RecallGrid:
         axes=("num_kv_pairs", "gap"),
         train="mixture",
         train_cells=[{"num_kv_pairs": m, "gap": g} for m, g in CPU_TRAIN],
-        steps=1200,
+        steps=1500,
+        eval_every=100,
+        target=0.99,
+        patience=5,
         batch_size=32,
         lrs=[3e-3],
         model_lrs=dict(CPU_LRS),

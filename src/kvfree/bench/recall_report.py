@@ -39,6 +39,9 @@ def summarise(rows: list[dict]) -> dict:
             cells[cell] = {
                 "test_acc": float(np.mean(acc)),
                 "test_std": float(np.std(acc)),
+                "test_min": float(np.min(acc)),
+                "test_max": float(np.max(acc)),
+                **{k: [r.get(k) for r in rs] for k in REACHED},
                 "val_acc": float(np.mean([r["val_acc"] for r in rs])),
                 "seeds": sorted(r["seed"] for r in rs),
                 "state_bytes": rs[0]["state_bytes"],
@@ -47,6 +50,9 @@ def summarise(rows: list[dict]) -> dict:
                 **{k: rs[0][k] for k in rs[0] if k not in _ROW_KEYS},
             }
         longest = max(cells.values(), key=lambda c: c["seq_len"])
+        first_cell = sorted(
+            (r for r in sel if r["cell"] == sel[0]["cell"]), key=lambda r: r["seed"]
+        )
         models[model] = {
             "lr": lr,
             "lrs_tried": sorted({r["lr"] for r in rows if r["model"] == model}),
@@ -58,6 +64,9 @@ def summarise(rows: list[dict]) -> dict:
             "params": sel[0]["params"],
             "oracle_mask": sel[0]["oracle_mask"],
             "seeds": sorted({r["seed"] for r in sel}),
+            "outcomes": [r.get("outcome") for r in first_cell],
+            "steps": [r.get("steps") for r in first_cell],
+            "steps_cap": first_cell[0].get("steps_cap", first_cell[0].get("steps")),
             "train_seconds": float(
                 np.mean([r["train_seconds"] for r in sel if r["cell"] == sel[0]["cell"]])
             ),
@@ -65,7 +74,13 @@ def summarise(rows: list[dict]) -> dict:
     return models
 
 
+REACHED = ("examples_to_0.9", "examples_to_0.99")
 _ROW_KEYS = {
+    *REACHED,
+    "steps_cap",
+    "examples_seen",
+    "outcome",
+    "curve",
     "grid",
     "task",
     "model",
@@ -89,6 +104,28 @@ _ROW_KEYS = {
 }
 
 
+def _kilo(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:g}"
+
+
+def _reached(values: list, cap: int) -> str:
+    """Median examples over the seeds that reached a threshold, or ``> cap (k/n)``."""
+    got = [v for v in values if v is not None]
+    if len(got) == len(values) and got:
+        return _kilo(float(np.median(got)))
+    return f"> {_kilo(cap)} ({len(got)}/{len(values)})"
+
+
+def _stops(s: dict, batch: int) -> str:
+    """Why and when each seed's run ended: converged / patience / budget @ examples."""
+    outs = s.get("outcomes") or []
+    if not any(outs):
+        return "—"
+    return ", ".join(
+        f"{o} @ {_kilo(st * batch)}" for o, st in zip(outs, s["steps"]) if o is not None
+    )
+
+
 def _label(model: str, s: dict) -> str:
     return f"{model} (oracle prefix mask)" if s["oracle_mask"] else model
 
@@ -107,7 +144,7 @@ def markdown(summary: dict, meta: dict) -> str:
     cells = list(next(iter(models.values()))["cells"])
     first = next(iter(models.values()))["cells"]
     labels = {c: _cell_label(first[c], grid["axes"]) for c in cells}
-    acc_rows, byte_rows = [], []
+    acc_rows, byte_rows, reach_rows = [], [], []
     for model, s in models.items():
         rec = {"model": _label(model, s)}
         for c in cells:
@@ -115,10 +152,11 @@ def markdown(summary: dict, meta: dict) -> str:
             if x is None:
                 rec[labels[c]] = None
             elif len(x["seeds"]) > 1:
-                rec[labels[c]] = f"{x['test_acc']:.3f} ± {x['test_std']:.3f}"
+                rec[labels[c]] = f"{x['test_acc']:.3f} ({x['test_min']:.3f}–{x['test_max']:.3f})"
             else:
                 rec[labels[c]] = f"{x['test_acc']:.3f}"
         rec["mean"] = f"{s['mean_test_acc']:.3f}"
+        rec["stopped (per seed)"] = _stops(s, grid["batch_size"])
         rec["LR"] = f"{s['lr']:g}"
         rec["params"] = s["params"]
         acc_rows.append(rec)
@@ -127,6 +165,15 @@ def markdown(summary: dict, meta: dict) -> str:
             x = s["cells"].get(c)
             brec[labels[c]] = None if x is None else x["state_bytes"]
         byte_rows.append(brec)
+        if grid.get("eval_every") and all(REACHED[0] in x for x in s["cells"].values()):
+            erec = {"model": _label(model, s)}
+            cap = s["steps_cap"] * grid["batch_size"]
+            for c in cells:
+                x = s["cells"].get(c)
+                erec[labels[c]] = (
+                    None if x is None else " / ".join(_reached(x[k], cap) for k in REACHED)
+                )
+            reach_rows.append(erec)
     seeds = sorted({x for s in models.values() for x in s["seeds"]})
     lrs = sorted({x for s in models.values() for x in s["lrs_tried"]})
     env = meta.get("env", {})
@@ -142,10 +189,14 @@ def markdown(summary: dict, meta: dict) -> str:
         if wall and meta.get("jobs_run")
         else ""
     )
+    stop = (
+        f"until every cell reaches {grid['target']:g} validation accuracy or "
+        f"{grid['patience']} evaluations without improvement, at most {grid['steps']} steps"
+        if grid.get("eval_every")
+        else f"{grid['steps']} steps"
+    )
     length = (
-        f"{grid['steps']} steps"
-        if grid.get("train_examples") is None
-        else f"{grid['epochs']} epochs of a fixed set"
+        stop if grid.get("train_examples") is None else f"{grid['epochs']} epochs of a fixed set"
     )
     head = (
         f"Task `{grid['task']}`, grid `{grid['name']}` ({grid['train']} training, "
@@ -172,10 +223,19 @@ def markdown(summary: dict, meta: dict) -> str:
             "answers with a context value not yet queried (every key is queried once) "
             f"scores H_M/M = {shortcut}.\n"
         )
+    reach = ""
+    if reach_rows:
+        reach = (
+            "\nExamples seen until the validation accuracy (train-seed range, evaluated every "
+            f"{grid.get('eval_every')} steps) first reached 0.9 / 0.99, median over seeds; "
+            "`> N (k/n)`: k of n seeds reached it within the cap of N examples:\n\n"
+            + markdown_table(reach_rows)
+        )
     return (
         head
         + markdown_table(acc_rows)
         + foot
+        + reach
         + note
         + markdown_table(byte_rows)
         + (
@@ -196,21 +256,66 @@ def write_outputs(out_dir: str | Path, rows: list[dict], meta: dict, plots: bool
     atomic_write(out_dir / "recall.md", md)
     files = [out_dir / "results.jsonl", out_dir / "summary.json", out_dir / "recall.md"]
     if plots:
-        files += make_plots(out_dir, summary, meta)
+        files += make_plots(out_dir, summary, meta, rows)
     return {"summary": summary, "markdown": md, "files": [str(f) for f in files], "meta": meta}
 
 
-def make_plots(out_dir: Path, summary: dict, meta: dict) -> list[Path]:
-    from kvfree.report.plots import accuracy_vs_state, heatmap
+def reference_points(task: str, cells: list[dict]) -> list[tuple[str, float]]:
+    """(label, accuracy) lines worth drawing: chance and the no-binding plateau H_M/M."""
+    if task != "mqar_gap":
+        return []
+    ms = sorted({c["num_kv_pairs"] for c in cells if "num_kv_pairs" in c})
+    return [("chance 1/64", 1 / 64)] + [
+        (f"H_M/M, M={m}", sum(1 / i for i in range(1, m + 1)) / m) for m in ms
+    ]
 
-    rk, ck = meta["grid"]["axes"]
-    files = []
+
+def curve_panels(rows: list[dict], summary: dict, axes) -> dict[str, dict[str, dict]]:
+    """Learning curves per cell and model (at its selected LR): mean and min–max over seeds
+    at each evaluation, up to the last evaluation every seed reached."""
+    panels: dict[str, dict[str, dict]] = {}
+    for model, s in summary.items():
+        for cell, x in s["cells"].items():
+            curves = [
+                r["curve"]
+                for r in rows
+                if r["model"] == model
+                and r["lr"] == s["lr"]
+                and r["cell"] == cell
+                and r.get("curve")
+            ]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            acc = np.array([[p[1] for p in c[:n]] for c in curves])
+            label = _cell_label(x, axes)
+            panels.setdefault(label, {})[_label(model, s)] = {
+                "x": [p[0] for p in curves[0][:n]],
+                "mean": acc.mean(0).tolist(),
+                "lo": acc.min(0).tolist(),
+                "hi": acc.max(0).tolist(),
+            }
+    return panels
+
+
+def make_plots(
+    out_dir: Path, summary: dict, meta: dict, rows: list[dict] | None = None
+) -> list[Path]:
+    from kvfree.report.plots import accuracy_vs_state, heatmap, heatmaps, learning_curves
+
+    g = meta["grid"]
+    rk, ck = g["axes"]
+    files, panels = [], {}
+    all_rows, all_cols = set(), set()
     for model, s in summary.items():
         vals = {(c[rk], c[ck]): c["test_acc"] for c in s["cells"].values() if rk in c and ck in c}
         if not vals:
             continue
         rows_ = sorted({k[0] for k in vals})
         cols_ = sorted({k[1] for k in vals})
+        all_rows |= set(rows_)
+        all_cols |= set(cols_)
+        panels[_label(model, s)] = vals
         safe = model.replace("/", "_").replace("[", "_").replace("]", "").replace("=", "")
         files.append(
             heatmap(
@@ -218,11 +323,24 @@ def make_plots(out_dir: Path, summary: dict, meta: dict) -> list[Path]:
                 rows_,
                 cols_,
                 out_dir / f"heatmap_{safe}.png",
-                title=f"{_label(model, s)}: test accuracy ({meta['grid']['task']})",
+                title=f"{_label(model, s)}: test accuracy ({g['task']})",
                 row_label=rk,
                 col_label=ck,
             )
         )
+    if panels:
+        files.append(
+            heatmaps(
+                panels,
+                sorted(all_rows),
+                sorted(all_cols),
+                out_dir / "heatmaps.png",
+                title=f"{g['task']} ({g['name']}): test accuracy per cell",
+                row_label=rk,
+                col_label=ck,
+            )
+        )
+    cells = [c for s in summary.values() for c in s["cells"].values()]
     points = [
         {
             "model": _label(m.split("[")[0], s),
@@ -235,10 +353,26 @@ def make_plots(out_dir: Path, summary: dict, meta: dict) -> list[Path]:
         accuracy_vs_state(
             points,
             out_dir / "acc_vs_state.png",
-            title=f"{meta['grid']['task']} ({meta['grid']['name']}): mean "
-            "test accuracy vs state bytes",
+            title=f"{g['task']} ({g['name']}): mean test accuracy vs state bytes",
+            refs=reference_points(g["task"], cells),
         )
     )
+    curves = curve_panels(rows or [], summary, g["axes"])
+    if curves:
+        refs = {
+            _cell_label(c, g["axes"]): reference_points(g["task"], [c])
+            for s in summary.values()
+            for c in s["cells"].values()
+        }
+        files.append(
+            learning_curves(
+                curves,
+                out_dir / "learning_curves.png",
+                title=f"{g['task']} ({g['name']}): validation accuracy while training "
+                "(mean over seeds, band min–max)",
+                refs=refs,
+            )
+        )
     return files
 
 

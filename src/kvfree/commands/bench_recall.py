@@ -33,7 +33,19 @@ def bench_recall(
         help="Comma-separated learning rates (default: the grid's); "
         "several = a sweep, best LR per model by validation accuracy.",
     ),
-    steps: int = typer.Option(None, help="Training steps per run (default: the grid's)."),
+    steps: int = typer.Option(
+        None, help="Training steps per run: the cap, the same for every model (default: grid's)."
+    ),
+    eval_every: int = typer.Option(
+        None, help="Validation curve every N steps, 0 = only at the end (default: the grid's)."
+    ),
+    patience: int = typer.Option(
+        None, help="Stop after N evaluations without improvement, 0 = never (default: grid's)."
+    ),
+    target: float = typer.Option(
+        None, help="Stop when every cell's validation accuracy reaches this (default: grid's)."
+    ),
+    n_val: int = typer.Option(None, help="Validation examples per cell (default: the grid's)."),
     batch_size: int = typer.Option(None, help="Batch size (default: the grid's)."),
     n_test: int = typer.Option(None, help="Test examples per cell (default: the grid's)."),
     out: str = typer.Option("runs/bench-recall", help="Output folder; a rerun resumes."),
@@ -56,11 +68,25 @@ def bench_recall(
     over = {}
     if lrs:
         over["lrs"] = _numbers(lrs, float, "lrs")
-    for key, val in (("steps", steps), ("batch_size", batch_size), ("n_test", n_test)):
+    for key, val in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("n_test", n_test),
+        ("n_val", n_val),
+    ):
         if val is not None:
             if val < 1:
                 raise typer.BadParameter(f"{key} must be ≥ 1")
             over[key] = val
+    for key, val in (("eval_every", eval_every), ("patience", patience)):
+        if val is not None:
+            if val < 0:
+                raise typer.BadParameter(f"{key} must be ≥ 0")
+            over[key] = val
+    if target is not None:
+        if not 0 < target <= 1:
+            raise typer.BadParameter("target must be in (0, 1]")
+        over["target"] = target
     g = get_grid(grid, **over)
     res = run(
         g,

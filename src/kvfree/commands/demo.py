@@ -25,11 +25,11 @@ MAIN_MODELS = [
 ]
 #: The slowest models start first so that two workers finish together.
 SLOWEST_FIRST = [
-    "recall-gdn",
     "recall-fdm",
-    "recall-mamba2",
     "recall-mamba2-ska",
     "recall-mamba2-ska-prefix",
+    "recall-gdn",
+    "recall-mamba2",
     "recall-attention",
 ]
 
@@ -92,6 +92,9 @@ def demo(
         print()
         print(res["markdown"])
         plots = [f for f in res["files"] if f.endswith(".png")]
+        curves = [f for f in plots if f.endswith("learning_curves.png")]
+        if curves:
+            print(f"learning curves (validation accuracy vs examples seen): {curves[0]}")
         print(f"plots: {', '.join(plots)}")
         print(f"table: {folder}/recall.md (regenerate: kvfree report recall {folder})")
     print(

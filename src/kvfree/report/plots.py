@@ -2,7 +2,10 @@
 
 capacity_plot(rows, path)          accuracy vs N/d, one panel per (ρ, d), a line per method
 heatmap(grid, rows, cols, path)    accuracy over gap × pairs for one model
+heatmaps(panels, rows, cols, path) the same for several models, one figure
 accuracy_vs_state(points, path)    the field's standard plot: accuracy vs state bytes (log x)
+learning_curves(panels, path)      accuracy vs examples seen (log x), a panel per cell, a line
+                                   per model with a min–max band over seeds
 """
 
 from __future__ import annotations
@@ -62,6 +65,29 @@ def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
     return out
 
 
+def _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label):
+    import numpy as np
+
+    grid = np.full((len(row_keys), len(col_keys)), np.nan)
+    for i, r in enumerate(row_keys):
+        for j, c in enumerate(col_keys):
+            if (r, c) in values:
+                grid[i, j] = values[(r, c)]
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(col_keys)), [str(c) for c in col_keys])
+    ax.set_yticks(range(len(row_keys)), [str(r) for r in row_keys])
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    for i in range(len(row_keys)):
+        for j in range(len(col_keys)):
+            if grid[i, j] == grid[i, j]:
+                color = "white" if grid[i, j] < 0.6 else "black"
+                ax.text(
+                    j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color
+                )
+    return im
+
+
 def heatmap(
     values: dict[tuple, float],
     row_keys: list,
@@ -73,32 +99,9 @@ def heatmap(
     col_label: str,
 ) -> Path:
     """``values[(row, col)]`` → colour; missing cells are blank."""
-    import numpy as np
-
     plt = _plt()
-    grid = np.full((len(row_keys), len(col_keys)), np.nan)
-    for i, r in enumerate(row_keys):
-        for j, c in enumerate(col_keys):
-            if (r, c) in values:
-                grid[i, j] = values[(r, c)]
     fig, ax = plt.subplots(figsize=(1.1 * len(col_keys) + 2, 0.7 * len(row_keys) + 1.5))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-    ax.set_xticks(range(len(col_keys)), [str(c) for c in col_keys])
-    ax.set_yticks(range(len(row_keys)), [str(r) for r in row_keys])
-    ax.set_xlabel(col_label)
-    ax.set_ylabel(row_label)
-    for i in range(len(row_keys)):
-        for j in range(len(col_keys)):
-            if grid[i, j] == grid[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    f"{grid[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if grid[i, j] < 0.6 else "black",
-                )
+    im = _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label)
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title, fontsize=9)
     out = _save(fig, path)
@@ -106,8 +109,85 @@ def heatmap(
     return out
 
 
-def accuracy_vs_state(points: list[dict], path, *, title: str) -> Path:
-    """points: {"model", "state_bytes", "accuracy"[, "label"]}; one marker per point."""
+def heatmaps(
+    panels: dict[str, dict[tuple, float]],
+    row_keys: list,
+    col_keys: list,
+    path,
+    *,
+    title: str,
+    row_label: str,
+    col_label: str,
+) -> Path:
+    """One heatmap per model (``panels[model][(row, col)]``) in one figure, a shared scale."""
+    plt = _plt()
+    n = len(panels)
+    ncol = min(3, n)
+    nrow = -(-n // ncol)
+    w, h = 1.1 * len(col_keys) + 1.5, 0.7 * len(row_keys) + 1.4
+    fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow), squeeze=False)
+    im = None
+    for ax, (name, values) in zip(axes.flat, panels.items()):
+        im = _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label)
+        ax.set_title(name, fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label="test accuracy", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _reference_lines(ax, refs):
+    for label, y in refs or []:
+        ax.axhline(y, color="grey", lw=0.8, ls=":")
+        ax.text(ax.get_xlim()[0], y, f" {label}", fontsize=6, color="grey", va="bottom")
+
+
+def learning_curves(panels: dict[str, dict[str, dict]], path, *, title: str, refs=None) -> Path:
+    """``panels[cell][model] = {"x": examples, "mean", "lo", "hi"}`` (lists of equal length);
+    ``refs[cell]``: (label, accuracy) reference lines of that cell (chance, plateaus)."""
+    plt = _plt()
+    n = len(panels)
+    ncol = min(2, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
+    models = list(dict.fromkeys(m for p in panels.values() for m in p))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    for ax, (cell, series) in zip(axes.flat, panels.items()):
+        for model, c in series.items():
+            ax.plot(c["x"], c["mean"], color=colors[model], lw=1.4, label=model)
+            if any(lo != hi for lo, hi in zip(c["lo"], c["hi"])):
+                ax.fill_between(c["x"], c["lo"], c["hi"], color=colors[model], alpha=0.18, lw=0)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("training examples seen")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(cell, fontsize=9)
+        _reference_lines(ax, (refs or {}).get(cell))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(3, len(labels)),
+        fontsize=7,
+        bbox_to_anchor=(0.5, -0.02 - 0.025 * (len(labels) // 3)),
+    )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * (len(labels) // 3), 1, 0.97))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def accuracy_vs_state(points: list[dict], path, *, title: str, refs=None) -> Path:
+    """points: {"model", "state_bytes", "accuracy"[, "label"]}; one marker per point; ``refs``:
+    (label, accuracy) reference lines (chance, plateaus)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(p["model"] for p in points):
@@ -117,6 +197,7 @@ def accuracy_vs_state(points: list[dict], path, *, title: str) -> Path:
         )
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
+    _reference_lines(ax, refs)
     ax.set_xlabel("state bytes (fp32, at the longest evaluated length)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)

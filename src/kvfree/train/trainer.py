@@ -15,6 +15,7 @@ steps and at the end to ``run_dir/checkpoints/last.pt`` (+ ``best.pt`` by ``best
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import random
 import signal
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvfree import perf
 from kvfree.config import from_dict, to_dict
 from kvfree.train import distributed as D
 from kvfree.train.checkpoint import (
@@ -117,7 +119,9 @@ class TrainConfig:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over scored positions (labels != −100), computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
 class Schedule:
@@ -132,6 +136,11 @@ class Schedule:
 
     def lr_at(self, step: int) -> float | None:
         return None
+
+    def should_stop(self, trainer: Trainer) -> bool:
+        """Checked before every step: True ends training there (e.g. converged, or patience
+        exhausted); must depend only on state that ``state_dict`` saves."""
+        return False
 
     def state_dict(self) -> dict:
         return {}
@@ -171,6 +180,7 @@ class Trainer:
         else:
             self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        self._takes_select = "select" in inspect.signature(model.forward).parameters
         self.run_dir = Path(run_dir) if run_dir else None
         self._net = self.model
         if self.mode == "fsdp":
@@ -184,6 +194,7 @@ class Trainer:
         self.autocast = amp == "bf16"
         self.step = 0
         self.best: float | None = None
+        self.eval_step: int | None = None  # step of the last evaluate()
         self.elapsed = 0.0  # training seconds over all runs of this training (resumes add up)
         self._t_start: float | None = None
         self.history: list[dict] = []
@@ -246,12 +257,24 @@ class Trainer:
             )
         for g in self.opt.param_groups:
             g["lr"] = lr
+        labels = batch["labels"]
+        # perf.py: logits only where a label is (the same mean loss); not under DDP/FSDP, whose
+        # wrappers forward positional arguments only
+        select = None
+        if perf.fast() and self._net is self.model and self._takes_select:
+            select = labels != -100
+            if bool(select.all()):
+                select = None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits, _ = self._net(batch["inputs"], mask=batch.get("mask"))
+            if select is not None:
+                logits, _ = self._net(batch["inputs"], mask=batch.get("mask"), select=select)
+                labels = labels[select]
+            else:
+                logits, _ = self._net(batch["inputs"], mask=batch.get("mask"))
         if self.world > 1:
-            loss, report = D.global_mean_loss(logits, batch["labels"])
+            loss, report = D.global_mean_loss(logits, labels)
         else:
-            loss = report = lm_loss(logits, batch["labels"])
+            loss = report = lm_loss(logits, labels)
         if hasattr(self.model, "aux_loss"):  # e.g. HRBD's orthogonality penalty (not reported)
             loss = loss + self.model.aux_loss()
         self.opt.zero_grad(set_to_none=True)
@@ -271,6 +294,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             out = self.eval_fn(self.model)
+        self.eval_step = self.step
         self._log({"step": self.step, **{f"eval/{k}": v for k, v in out.items()}})
         value = out.get(self.cfg.best_metric)
         if isinstance(value, (int, float)) and (self.best is None or value < self.best):
@@ -302,6 +326,7 @@ class Trainer:
                     "trainer": {
                         "step": self.step,
                         "best": self.best,
+                        "eval_step": self.eval_step,
                         "world_size": self.world,
                         "elapsed": self._elapsed(),
                     },
@@ -362,6 +387,7 @@ class Trainer:
         self.schedule.load_state_dict(ckpt.get("schedule", {}))
         self.step = int(ckpt["trainer"]["step"])
         self.best = ckpt["trainer"].get("best")
+        self.eval_step = ckpt["trainer"].get("eval_step")
         self.elapsed = float(ckpt["trainer"].get("elapsed", 0.0))
         rngs = ckpt.get("rng", [])
         self._pending_rng = rngs[self.rank] if len(rngs) == self.world else None
@@ -435,7 +461,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        while self.step < self.cfg.steps:
+        while self.step < self.cfg.steps and not self.schedule.should_stop(self):
             if self._stop_requested():
                 self._stop(bar)
             loss = self.train_step(self.batches(self.step))
@@ -459,7 +485,8 @@ class Trainer:
             if save and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
                 self.save_checkpoint(ckpt_dir / "last.pt")
         bar.close()
-        last_eval = self.evaluate() or last_eval
+        if self.eval_step != self.step:  # not when an early stop has just evaluated
+            last_eval = self.evaluate() or last_eval
         if save:
             self.save_checkpoint(ckpt_dir / "last.pt")
         if self._tb is not None:
