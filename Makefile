@@ -4,6 +4,10 @@
 PY ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# where torch comes from when no local wheel of TORCH_SPEC is found (PIP_FIND_LINKS): the CPU
+# build by default (PyPI's Linux torch is the CUDA one, GBs of nvidia packages);
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126 on a GPU machine
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvfree-installed
 
@@ -11,7 +15,10 @@ STAMP := $(VENV)/.kvfree-installed
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	if $(BIN)/pip download -q --no-index --no-deps -d $(VENV)/.wheels "$(TORCH_SPEC)" 2>/dev/null; \
+	then $(BIN)/pip install -q "$(TORCH_SPEC)"; \
+	else $(BIN)/pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" \
+	  || $(BIN)/pip install -q torch --index-url "$(TORCH_INDEX)"; fi
 	$(BIN)/pip install -q -e ".[dev,text]"
 	touch $(STAMP)
 
@@ -22,6 +29,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 test-slow: $(STAMP)

@@ -46,13 +46,24 @@ def info(
             continue
         m = build_mixer(name, d_model)
         kind = "fixed" if m.fixed_memory else "grows with T"
-        print(
-            f"  {name:<18} {kind:<13} {m.state_formula()}  "
-            f"[= {m.state_size(1024):,} elements at T=1024]"
-        )
+        symbols, values, note = split_formula(m.state_formula())
+        at = "" if m.fixed_memory else " at T = 1024"
+        print(f"  {name:<18} {kind:<13} {symbols}")
+        print(f"  {'':<32} = {values} = {m.state_size(1024):,} elements{at}{note}")
     print("presets: " + ", ".join(preset_names()))
     env = environment()
     print(f"torch {env['torch']}, device {env['device']}, threads {env['threads']}")
+
+
+def split_formula(text: str) -> tuple[str, str, str]:
+    """(symbols, numbers, " (note)" or "") of a ``state_formula`` string."""
+    import re
+
+    symbols, _, rest = text.partition(" = ")
+    i = rest.rfind(" (")  # a trailing note has words; parentheses of numbers do not
+    if i >= 0 and rest.endswith(")") and re.search(r"[A-Za-z]{3}", rest[i:]):
+        return symbols, rest[:i], rest[i:]
+    return symbols, rest, ""
 
 
 def parameter_breakdown(model) -> dict[str, int]:

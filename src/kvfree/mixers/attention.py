@@ -93,6 +93,11 @@ class KVCache(State):
 
 
 class Attention(Mixer):
+    """Softmax attention over a KV cache: o_t = Σ_{j∈V(t)} softmax_j(q_t·k_j/√d_h) v_j, y_t =
+    W_o concat_h o_t (Vaswani et al. eq. 1), with GQA, RoPE, sliding window and sinks; the
+    cache carries 2·filled·n_kv·d_h values per row (docs/baselines.md §1, §8). Full glossary in
+    the module docstring."""
+
     name = "attention"
     #: Class default is full attention (grows with T); window variants set True per instance.
     fixed_memory = False
@@ -176,10 +181,11 @@ class Attention(Mixer):
         return KVCache(k, torch.zeros_like(k), sinks=self.sinks, window=self.window or 0)
 
     def state_formula(self) -> str:
-        tail = f"n_kv·d_h = {self.n_kv}·{self.dh}"
         if self.slots is None:
-            return f"2·T·{tail}"
-        return f"2·min(T, s+W)·{tail} with s+W = {self.sinks}+{self.window}"
+            return f"2·T·n_kv·d_h = 2·T·{self.n_kv}·{self.dh}"
+        return (
+            f"2·min(T, s+W)·n_kv·d_h = 2·min(T, {self.sinks}+{self.window})·{self.n_kv}·{self.dh}"
+        )
 
     def state_size(self, seq_len: int) -> int:
         n = seq_len if self.slots is None else min(seq_len, self.slots)

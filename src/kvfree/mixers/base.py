@@ -34,6 +34,15 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def formula(*terms: tuple[str, str, str | None]) -> str:
+    """``state_formula`` text from (symbols, numbers, note or None) terms:
+    ``formula(("4·D", "4·64", "complex states"), ("(k−1)·D", "3·64", "conv buffer"))`` →
+    ``"4·D + (k−1)·D = 4·64 + 3·64 (complex states; conv buffer)"``."""
+    notes = [n for _, _, n in terms if n]
+    text = " + ".join(s for s, _, _ in terms) + " = " + " + ".join(v for _, v, _ in terms)
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
 class Mixer(nn.Module):
     """Base class for token mixers. Subclasses implement ``_forward``, ``_step``,
     ``init_state``, ``state_formula`` and ``state_size``."""
@@ -80,7 +89,9 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     def state_formula(self) -> str:
-        """Carried elements per layer as a formula with the numbers filled in."""
+        """Carried elements per layer: ``"<symbols> = <the same with numbers>"`` with exactly
+        one ``" = "`` (e.g. ``"H·F·d_v = 2·32·32"``), optionally followed by a note in
+        parentheses; :func:`formula` builds one from terms."""
         raise NotImplementedError
 
     def state_size(self, seq_len: int) -> int:

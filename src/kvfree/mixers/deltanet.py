@@ -42,6 +42,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class DeltaNet(Mixer):
+    """DeltaNet layer: S_t = S_{t−1} + k_t [β_t (v_t − S_{t−1}ᵀ k_t)]ᵀ (the delta rule),
+    o_t = d_k^{-1/2} S_tᵀ q_t, y_t = o_proj concat_h RMSNorm(o_t); q, k from SiLU(conv_4) and
+    l2-normalised, β_t = σ(b_t) (docs/baselines.md §4). Full glossary in the module docstring."""
+
     name = "deltanet"
 
     def __init__(

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, formula
 from kvfree.mixers.fdm_scan import (
     GivensRotation,
     GroupedCausalConv,
@@ -81,6 +81,11 @@ class ScoreBias(nn.Module):
 
 
 class FanScan(Mixer):
+    """FDM's wave component: a two-pass complex recurrence h_t = A_t ⊙ h_{t−1} + p_t u_t with
+    A_t = (1 − p_t) e^{iθ_t}, write rate p_t = ½σ(s_t + μ) + 1e-4 from the score s_eff, Givens
+    phases θ_t, output y_t = Re h²_t (docs/fdm.md §2.1–§2.3). Full glossary in the module
+    docstring."""
+
     name = "fan"
 
     def __init__(
@@ -168,9 +173,12 @@ class FanScan(Mixer):
         return FanState(h(), h() if self.passes == 2 else None, conv, 0)
 
     def state_formula(self) -> str:
-        D, k1 = self.d_model, self.conv_len
-        f = f"{2 * self.passes}·D (complex states) = {2 * self.passes * D}"
-        return f + (f" + (k-1)·D (conv buffer) = {k1 * D}" if k1 else "")
+        return formula(*self.formula_terms())
+
+    def formula_terms(self) -> list[tuple[str, str, str]]:
+        D, k1, n = self.d_model, self.conv_len, 2 * self.passes
+        terms = [(f"{n}·D", f"{n}·{D}", "complex states")]
+        return terms + ([("(k−1)·D", f"{k1}·{D}", "conv buffer")] if k1 else [])
 
     def state_size(self, seq_len: int) -> int:
         return (2 * self.passes + self.conv_len) * self.d_model

@@ -37,7 +37,7 @@ from torch import nn
 
 from kvfree.blocks import GeluMLP, SwiGLU
 from kvfree.mixers import fdm_cache as fc
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, formula
 from kvfree.mixers.fan import FanScan, FanState
 from kvfree.state import State
 
@@ -61,6 +61,11 @@ class FDMState(State):
 
 
 class FDMBlock(Mixer):
+    """One Fan Duality Model layer (a block with its own norms and residuals): the FanScan wave
+    (docs/fdm.md §2), an FFN, and the gated local–global cache read out_t = h_t + σ(W_g h_t +
+    b_g) ⊙ c_t over the window W ∪ top-K by score (§3.2, §5). Full glossary in the module
+    docstring."""
+
     name = "fdm"
     is_block = True
 
@@ -157,11 +162,11 @@ class FDMBlock(Mixer):
         return FDMState(self.wave.init_state(batch, device=device, dtype=dtype), cache)
 
     def state_formula(self) -> str:
-        f = self.wave.state_formula()
+        terms = self.wave.formula_terms()
         if self.has_cache:
             W, K, D = self.window, self.top_k, self.d_model
-            f += f" + (W+K)·D + 2K (cache; K int64 indices) = ({W}+{K})·{D} + {2 * K}"
-        return f
+            terms.append(("(W+K)·D + 2K", f"({W}+{K})·{D} + 2·{K}", "cache, K int64 indices"))
+        return formula(*terms)
 
     def state_size(self, seq_len: int) -> int:
         n = self.wave.state_size(seq_len)

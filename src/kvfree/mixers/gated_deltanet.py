@@ -30,6 +30,11 @@ from kvfree.mixers.mamba2 import dt_bias_init
 
 
 class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet layer: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with the decay
+    α_t = exp(g_t), g_t = −exp(A_log)·softplus(a_t + dt_bias), and the output gate
+    y_t = o_proj concat_h(RMSNorm(o_t) ⊙ SiLU(r_t)) (docs/baselines.md §5). Full glossary in the
+    module docstring."""
+
     name = "gated_deltanet"
 
     def __init__(

@@ -43,6 +43,10 @@ class LGCacheState(State):
 
 
 class LocalGlobalCache(Mixer):
+    """FDM's local–global cache as a standalone mixer: c_t = Σ_{j∈V_t} softmax_j(q_t·k_j/√D [+ s_j])
+    v_j over V_t = the last W tokens ∪ the top-K by landmark score s, y_t = σ(W_g x_t + b_g) ⊙ c_t
+    (docs/fdm.md §3, §5); state (W + K)·D + 2K. Full glossary in the module docstring."""
+
     name = "lgcache"
 
     def __init__(
@@ -79,7 +83,7 @@ class LocalGlobalCache(Mixer):
 
     def state_formula(self) -> str:
         W, K, D = self.window, self.top_k, self.d_model
-        return f"(W+K)·D + 2K = ({W}+{K})·{D} + {2 * K} (K scores, K int64 indices)"
+        return f"(W+K)·D + 2K = ({W}+{K})·{D} + 2·{K} (K scores, K int64 indices)"
 
     def state_size(self, seq_len: int) -> int:
         return fc.cache_size(self.d_model, self.window, self.top_k)

@@ -45,6 +45,10 @@ def feature_map(kind: str, x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearAttention(Mixer):
+    """Linear attention: S_t = S_{t−1} + φ(k_t) v_tᵀ, o_t = scale · S_tᵀ φ(q_t) (optionally
+    divided by φ(q_t)ᵀ z_t, z_t = Σ φ(k)), φ = identity or elu+1 (Katharopoulos et al. eqs. 5–7;
+    docs/baselines.md §2). Full glossary in the module docstring."""
+
     name = "linear_attention"
 
     def __init__(
@@ -84,8 +88,9 @@ class LinearAttention(Mixer):
         return LinearAttentionState(S, z)
 
     def state_formula(self) -> str:
-        f = f"H·F·d_v = {self.H}·{self.dk}·{self.dv}"
-        return f + (f" + H·F = {self.H}·{self.dk}" if self.normalize else "")
+        if self.normalize:
+            return f"H·F·d_v + H·F = {self.H}·{self.dk}·{self.dv} + {self.H}·{self.dk}"
+        return f"H·F·d_v = {self.H}·{self.dk}·{self.dv}"
 
     def state_size(self, seq_len: int) -> int:
         return self.H * self.dk * (self.dv + (1 if self.normalize else 0))

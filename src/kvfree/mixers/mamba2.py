@@ -103,6 +103,11 @@ def _cdt(x: torch.Tensor) -> torch.dtype:
 
 
 class Mamba2(Mixer):
+    """Mamba-2 (SSD) layer: h_t = exp(Δ_t A) h_{t−1} + (Δ_t x_t) B_tᵀ, y_t = h_t C_t + D x_t,
+    out_t = out_proj RMSNorm(y_t ⊙ SiLU(z_t)), Δ_t = softplus(dt_t + dt_bias), A = −exp(A_log)
+    (Dao & Gu; docs/baselines.md §3); chunked SSD in training. Full glossary in the module
+    docstring."""
+
     name = "mamba2"
 
     def __init__(

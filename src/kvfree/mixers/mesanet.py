@@ -208,6 +208,11 @@ def _softplus_inv(y: float) -> float:
 
 
 class MesaNet(Mixer):
+    """MesaNet layer with the exact ridge readout (the Mesa rule): o_t = (H^kv_t)ᵀ (H^kk_t +
+    diag λ)⁻¹ q_t with H^kk_t = γ_t H^kk_{t−1} + β_t k_t k_tᵀ and H^kv_t = γ_t H^kv_{t−1} +
+    β_t k_t v_tᵀ (von Oswald et al.; docs/baselines.md §6). Full glossary in the module
+    docstring."""
+
     name = "mesanet"
 
     def __init__(

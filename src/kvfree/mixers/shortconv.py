@@ -27,6 +27,10 @@ class ShortConvState(State):
 
 
 class ShortConv(Mixer):
+    """Short gated causal convolution (zoology's BaseConv): y_t = W_out((Σ_{i<k} w_i ⊙
+    a_{t−k+1+i} + b) ⊙ g_t), a = W_in x, g = W_g x; state (k−1)·D. Full glossary in the module
+    docstring."""
+
     name = "shortconv"
 
     def __init__(self, d_model: int, *, kernel_size: int = 4, gate: bool = True):

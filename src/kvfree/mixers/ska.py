@@ -89,6 +89,12 @@ class SKAState(State):
 
 
 class SKA(Mixer):
+    """Spectral Koopman Attention (Echo): per head, ŷ = η c^K C (G̃⁻¹M)^K G̃⁻¹ q̂ from the key Gram
+    G̃ = εI + Σ β ẑẑᵀ (eq. 4), the lag-one covariance M = Σ ω ẑ_t ẑ_{t−1}ᵀ (eq. 5) and the
+    value–key covariance C = Σ β v ẑᵀ (eq. 6), with spectral normalisation c = γ/max(1, σ̂)
+    (docs/ska.md §2–§8); modes token, chunk, prefix, masked (docs/ska.md §5, §11). Full glossary
+    in the module docstring."""
+
     name = "ska"
     supports_mask = True
 
