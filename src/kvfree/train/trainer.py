@@ -44,7 +44,7 @@ from kvfree.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from kvfree.train.optim import param_groups, warmup_cosine
+from kvfree.train.optim import no_decay_names, param_groups, warmup_cosine
 from kvfree.utils import default_device, environment
 
 Batch = dict[str, torch.Tensor]
@@ -183,6 +183,7 @@ class Trainer:
         self._takes_select = "select" in inspect.signature(model.forward).parameters
         self.run_dir = Path(run_dir) if run_dir else None
         self._net = self.model
+        self.no_decay = no_decay_names(self.model)  # before FSDP2 drops the parameter marks
         if self.mode == "fsdp":
             self._net = D.wrap(self.model, "fsdp", self.device)
         self.rebuild_optimizer()
@@ -209,7 +210,7 @@ class Trainer:
         frozen / trainable parameter counts. Under DDP the wrapper is rebuilt too, since DDP
         fixes the set of gradient-carrying parameters when it is created."""
         self.opt = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.weight_decay),
+            param_groups(self.model, self.cfg.weight_decay, self.no_decay),
             lr=self.cfg.lr,
             betas=(self.cfg.beta1, self.cfg.beta2),
         )
