@@ -44,6 +44,7 @@ from kvfree.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from kvfree.train.diagnostics import FallbackWatch, numerics
 from kvfree.train.optim import no_decay_names, param_groups, warmup_cosine
 from kvfree.utils import default_device, environment
 
@@ -454,6 +455,7 @@ class Trainer:
         t0, loss, last_eval = time.time(), float("nan"), {}
         self._t_start = t0 - self.elapsed
         start = self.step
+        watch = FallbackWatch(self.model)  # warns when a Cholesky fallback fires
         bar = tqdm(
             total=self.cfg.steps,
             initial=self.step,
@@ -467,6 +469,7 @@ class Trainer:
                 self._stop(bar)
             loss = self.train_step(self.batches(self.step))
             bar.update(1)
+            watch.check(self.step)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 self._log(
@@ -475,6 +478,7 @@ class Trainer:
                         "loss": loss,
                         "lr": self.opt.param_groups[0]["lr"],
                         "elapsed_s": round(self._elapsed(), 3),
+                        **numerics(self.model),  # linalg fallbacks, SKA diagnostics
                     }
                 )
             if (
@@ -501,6 +505,7 @@ class Trainer:
             "train_seconds_total": self.elapsed,
             "steps_this_run": self.step - start,
             **{f"eval/{k}": v for k, v in last_eval.items()},
+            **numerics(self.model),
         }
         if self.best is not None:
             summary["best_" + self.cfg.best_metric] = self.best
