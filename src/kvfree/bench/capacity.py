@@ -349,10 +349,95 @@ def run(
     md = capacity_markdown(result)
     atomic_write(out_dir / "capacity.md", md)
     if plot:
-        from kvfree.report.plots import capacity_plot
-
         capacity_plot([r for r in rows if r["layout"] == "iid"], out_dir / "capacity.png")
     return {**result, "markdown": md}
+
+
+#: One style per write rule (colour, line style, marker, width): softmax is a wide pale band,
+#: softmax_hard a thin black dashed line with × on top of it, so both stay visible even
+#: where their accuracies coincide (both 1.0 over most of the range).
+STYLES = {
+    "linear": ("C0", "-", "o", 1.2),
+    "delta1": ("C1", "-", "s", 1.2),
+    "delta4": ("C2", "--", "s", 1.2),
+    "ridge": ("C3", "-", "^", 1.2),
+    "ska2": ("C4", "-.", "v", 1.2),
+    "softmax": ("C5", "-", "o", 4.0),
+    "softmax_hard": ("k", "--", "x", 1.0),
+}
+
+
+def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
+    """capacity.png: :func:`capacity_figure`, written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = capacity_figure(rows, metric)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def capacity_figure(rows: list[dict], metric: str = "acc"):
+    """Accuracy vs N/d, one panel per (ρ, d), one line per method, a legend on every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    dims = sorted({r["d"] for r in rows})
+    rhos = sorted({r["rho"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(
+        len(rhos),
+        len(dims),
+        figsize=(4.2 * len(dims), 3.3 * len(rhos)),
+        squeeze=False,
+        sharey=True,
+    )
+    for i, rho in enumerate(rhos):
+        for j, d in enumerate(dims):
+            ax = axes[i][j]
+            ratios = set()
+            for k, m in enumerate(methods):
+                sel = sorted(
+                    (r for r in rows if r["d"] == d and r["rho"] == rho and r["method"] == m),
+                    key=lambda r: r["ratio"],
+                )
+                color, ls, marker, lw = STYLES.get(m, (f"C{(7 + k) % 10}", ":", "d", 1.2))
+                ax.plot(
+                    [r["ratio"] for r in sel],
+                    [r[metric] for r in sel],
+                    color=color,
+                    linestyle=ls,
+                    marker=marker,
+                    ms=6 if lw > 2 else 4,
+                    mfc="none" if marker in "os^v" and lw <= 2 else None,
+                    lw=lw,
+                    alpha=0.45 if lw > 2 else 1.0,
+                    zorder=1 if lw > 2 else 2,
+                    label=m,
+                )
+                ratios.update(r["ratio"] for r in sel)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(sorted(ratios)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_title(f"d = {d}, ρ = {rho}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6, loc="lower left", ncol=2, framealpha=0.8)
+            if i == len(rhos) - 1:
+                ax.set_xlabel("N / d")
+            if j == 0:
+                ax.set_ylabel(metric)
+    fig.suptitle("Retrieval accuracy vs stored pairs per dimension (no training)")
+    fig.subplots_adjust(hspace=0.45)
+    return fig
 
 
 def falloff(rows: list[dict], metric: str = "acc", threshold: float = 0.9) -> list[dict]:

@@ -28,7 +28,29 @@ def _figure():
     return plt, fig, ax
 
 
+def _plain(v: float, _pos=None) -> str:
+    """Tick label as a plain number: 65,536, 12, 0.5 (never 2¹⁶ or 10⁻¹)."""
+    return f"{int(round(v)):,}" if v >= 1 and abs(v - round(v)) < 1e-9 else f"{v:g}"
+
+
+def plain_ticks(ax) -> None:
+    """x ticks at the measured N, y ticks at 1-2-5 steps, all labelled as plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
+    xs = sorted({float(x) for line in ax.get_lines() for x in line.get_xdata()})
+    if xs:
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(_plain))
+    if len(xs) > 6:
+        ax.tick_params(axis="x", labelrotation=45)
+
+
 def _save(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    plain_ticks(ax)
     ax.set_xlabel("prompt length N (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
