@@ -77,6 +77,8 @@ def train(
     D.init_from_env()
     set_threads(threads, workers=D.world_size())
     resume = from_ or resume
+    if resume and not (out or preset or config):
+        raise typer.BadParameter("--resume / --from continue a run folder: give it with --out RUN")
     cfg: dict = json.loads(Path(config).read_text()) if config else {}
     if resume and out and (Path(out) / "config.json").exists() and not config:
         cfg = json.loads((Path(out) / "config.json").read_text())
