@@ -73,18 +73,31 @@ def run(
     for name, T in tqdm(jobs, desc="bench kernels", disable=not progress):
         rows.append(time_mixer(name, d_model, T, batch=batch, device=device, repeats=repeats))
     env = environment(device)
-    result = {"benchmark": "kernels", "d_model": d_model, "batch": batch, "env": env, "rows": rows}
+    result = {
+        "benchmark": "kernels",
+        "d_model": d_model,
+        "batch": batch,
+        "repeats": repeats,
+        "env": env,
+        "rows": rows,
+    }
     write_json(out_dir / "kernels.json", result)
-    md = (
-        f"Forward only, d_model={d_model}, batch={batch}, median of {repeats}; "
-        f"{env['device']} ({env['device_name']}), {env['threads']} threads, "
-        f"torch {env['torch']}.\n\n"
-    )
-    md += markdown_table(
-        rows,
-        ["mixer", "T", "parallel_ms", "loop_ms", "speedup", "loop_us_per_token"],
-        ["mixer", "T", "parallel (ms)", "per-token loop (ms)", "loop / parallel", "loop µs/token"],
-    )
+    md = kernels_markdown(result)
     atomic_write(out_dir / "kernels.md", md)
     result["markdown"] = md
     return result
+
+
+def kernels_markdown(result: dict) -> str:
+    """The table of a ``kernels.json`` result (``kvfree report kernels``)."""
+    env = result["env"]
+    md = (
+        f"Forward only, d_model={result['d_model']}, batch={result['batch']}, median of "
+        f"{result.get('repeats', 3)}; {env['device']} ({env['device_name']}), "
+        f"{env['threads']} threads, torch {env['torch']}.\n\n"
+    )
+    return md + markdown_table(
+        result["rows"],
+        ["mixer", "T", "parallel_ms", "loop_ms", "speedup", "loop_us_per_token"],
+        ["mixer", "T", "parallel (ms)", "per-token loop (ms)", "loop / parallel", "loop µs/token"],
+    )

@@ -132,10 +132,13 @@ def evaluate_with_loss(
     with torch.no_grad():
         for i in range(0, len(data), batch):
             b = data.batch(np.arange(i, min(i + batch, len(data))), mask=mask, device=device)
-            logits, _ = model(b["inputs"], mask=b.get("mask"))
-            preds.append(logits.argmax(-1).cpu().numpy())
-            n = int((b["labels"] != -100).sum())
-            nll += float(lm_loss(logits, b["labels"])) * n
+            scored = b["labels"] != -100  # logits only there (a vocabulary of 8192 is large)
+            logits, _ = model(b["inputs"], mask=b.get("mask"), select=scored)
+            pred = torch.full_like(b["labels"], -1)
+            pred[scored] = logits.argmax(-1)
+            preds.append(pred.cpu().numpy())
+            n = int(scored.sum())
+            nll += float(lm_loss(logits, b["labels"][scored])) * n
             count += n
     acc = float(np.nanmean(example_accuracy(np.concatenate(preds), data.labels)))
     return acc, nll / max(count, 1)
@@ -228,10 +231,10 @@ def run_job(
     from kvfree.bench.recall_convergence import THRESHOLDS, Convergence
     from kvfree.report.tables import atomic_write, write_json
     from kvfree.train import TrainConfig, Trainer
-    from kvfree.utils import default_device, environment
+    from kvfree.utils import default_device, environment, set_threads
 
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     perf.tune_allocator()
     device = torch.device(device) if device else default_device()
     probe = _cell_data(grid, job.eval_cells[0], "val", 1)
@@ -402,6 +405,10 @@ def run(
     from kvfree.utils import environment
 
     out_dir = Path(out_dir)
+    if threads is None and (device or "cpu").startswith("cpu"):
+        from kvfree.utils import default_threads
+
+        threads = default_threads(workers)  # one per free core, split over the workers
     if not models or not seeds:
         raise ValueError("give at least one model and one seed")
     for m in models:  # fail fast on an unknown preset

@@ -7,6 +7,7 @@ learning-rate grid and the two slice keys of the heatmap. Presets:
     cpu            mqar_gap  M ∈ {4, 8} × gap ∈ {64, 256}; one run on an 8-cell mixture, CPU-sized
     echo           mqar_gap  M ∈ {4, 8, 16, 32} × gap ∈ {64, …, 4096} (28 cells, docs/tasks.md §2);
                              each cell from scratch: 10k steps, batch 64, LR 1e-3, warmup 500
+    zoology-cpu    mqar      train 64/4 + 128/8, test 64/4, 128/8, 256/16 (V = 8192); CPU-sized
     zoology-based  mqar      7 test slices 64/4 … 1024/256 (docs/tasks.md §1.4); fixed train set of
                              5 segments, 32 epochs, batch 256, LR sweep
 """
@@ -180,7 +181,35 @@ def _zoology() -> RecallGrid:
     )
 
 
-GRIDS = {"cpu": _cpu, "echo": _echo, "zoology-based": _zoology}
+def _zoology_cpu() -> RecallGrid:
+    return RecallGrid(
+        name="zoology-cpu",
+        task="mqar",
+        cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K in ((64, 4), (128, 8), (256, 16))],
+        axes=("num_kv_pairs", "input_seq_len"),
+        train="mixture",
+        train_cells=[{"input_seq_len": L, "num_kv_pairs": K} for L, K in ((64, 4), (128, 8))],
+        steps=2000,
+        eval_every=100,
+        target=0.99,
+        patience=5,
+        batch_size=64,
+        lrs=[3e-3],
+        model_lrs={"recall-attention": [1e-3]},
+        warmup_steps=100,
+        weight_decay=0.1,
+        min_lr_ratio=1.0,
+        n_val=200,
+        n_test=500,
+        eval_batch=100,
+        options={"vocab_size": 8192, "random_non_queries": True, "mode": "zoology_compatible"},
+        note="a CPU-sized slice of zoology's MQAR (docs/tasks.md §1): V = 8192, random "
+        "non-query tokens, zoology's RNG order; trained on 64/4 + 128/8 (fresh examples every "
+        "step), tested on 64/4, 128/8 and 256/16 (length generalisation)",
+    )
+
+
+GRIDS = {"cpu": _cpu, "echo": _echo, "zoology-based": _zoology, "zoology-cpu": _zoology_cpu}
 
 
 def grid(name: str, **overrides) -> RecallGrid:

@@ -12,6 +12,7 @@ from kvfree.commands import (  # noqa: F401
     eval,
     generate,
     info,
+    report_all,
     report_lm,
     train,
 )

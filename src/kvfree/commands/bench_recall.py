@@ -133,8 +133,7 @@ def report_capacity(
     import json
     from pathlib import Path
 
-    from kvfree.bench.capacity import capacity_markdown
-    from kvfree.report.plots import capacity_plot
+    from kvfree.bench.capacity import capacity_markdown, capacity_plot
     from kvfree.report.tables import atomic_write
 
     path = Path(run_dir) / "capacity.json"

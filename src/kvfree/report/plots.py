@@ -1,6 +1,5 @@
 """PNG plots from result records (matplotlib with the Agg backend, imported lazily).
 
-capacity_plot(rows, path)          accuracy vs N/d, one panel per (ρ, d), a line per method
 heatmap(grid, rows, cols, path)    accuracy over gap × pairs for one model
 heatmaps(panels, rows, cols, path) the same for several models, one figure
 accuracy_vs_state(points, path)    the field's standard plot: accuracy vs state bytes (log x)
@@ -29,40 +28,6 @@ def _save(fig, path) -> Path:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
     return path
-
-
-def capacity_plot(rows: list[dict], path, metric: str = "acc") -> Path:
-    plt = _plt()
-    dims = sorted({r["d"] for r in rows})
-    rhos = sorted({r["rho"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(
-        len(rhos), len(dims), figsize=(4 * len(dims), 3 * len(rhos)), squeeze=False, sharey=True
-    )
-    for i, rho in enumerate(rhos):
-        for j, d in enumerate(dims):
-            ax = axes[i][j]
-            for m in methods:
-                sel = sorted(
-                    (r for r in rows if r["d"] == d and r["rho"] == rho and r["method"] == m),
-                    key=lambda r: r["ratio"],
-                )
-                ax.plot(
-                    [r["ratio"] for r in sel], [r[metric] for r in sel], marker="o", ms=3, label=m
-                )
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"d = {d}, ρ = {rho}", fontsize=9)
-            ax.set_ylim(-0.02, 1.02)
-            if i == len(rhos) - 1:
-                ax.set_xlabel("N / d")
-            if j == 0:
-                ax.set_ylabel(metric)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Retrieval accuracy vs stored pairs per dimension (no training)")
-    fig.subplots_adjust(hspace=0.4)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
 
 
 def _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label):

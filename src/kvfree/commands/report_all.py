@@ -1,0 +1,47 @@
+"""``kvfree report all`` and ``kvfree report kernels``: README sections from committed results."""
+
+from __future__ import annotations
+
+import typer
+
+from kvfree.cli import report_app
+
+
+@report_app.command("all")
+def report_all(
+    results: str = typer.Argument("results", help="The folder of committed results."),
+    readme: str = typer.Option(None, help="Write every regenerated section into this README."),
+) -> None:
+    """Regenerate every README section that has committed results (results/<bench>/)."""
+    from kvfree.report.sections import SECTIONS, regenerate
+
+    done = regenerate(results, readme)
+    for section, (folder, required, _) in SECTIONS.items():
+        state = "regenerated" if section in done else f"skipped (no {results}/{folder}/{required})"
+        print(f"{section}: {state}")
+    if readme:
+        print(f"updated {len(done)} section(s) of {readme}")
+
+
+@report_app.command("kernels")
+def report_kernels(
+    run_dir: str = typer.Argument(..., help="A `bench kernels` output folder."),
+    readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("kernels", help="README section name."),
+) -> None:
+    """Regenerate the kernels table from RUN_DIR/kernels.json."""
+    import json
+    from pathlib import Path
+
+    from kvfree.bench.kernels import kernels_markdown
+
+    path = Path(run_dir) / "kernels.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `kvfree bench kernels --out {run_dir}`")
+    md = kernels_markdown(json.loads(path.read_text()))
+    print(md)
+    if readme:
+        from kvfree.report.tables import update_readme_section
+
+        update_readme_section(readme, section, md)
+        print(f"updated section {section!r} of {readme}")
