@@ -64,6 +64,13 @@ def test_patience_stops_a_flat_run_but_not_a_falling_loss():
     for i in range(1, 12):
         plateau.record(10 * i, {"a": 0.34}, 3.0 * 0.97**i)
     assert plateau.status is None
+    late = rule(patience=2, patience_after=50)  # flat at chance until a late transition
+    for i in range(1, 6):
+        late.record(10 * i, {"a": 0.016}, 4.16)
+    assert late.status is None
+    late.record(60, {"a": 0.016}, 4.16)
+    late.record(70, {"a": 0.016}, 4.16)
+    assert late.status == "patience"
     never = rule(patience=0)
     for i in range(1, 20):
         never.record(10 * i, {"a": 0.1}, 4.0)

@@ -245,6 +245,7 @@ def run_job(
         eval_every=grid.eval_every,
         target=grid.target,
         patience=grid.patience,
+        patience_after=grid.patience_after,
         min_delta_acc=grid.min_delta_acc,
         min_delta_loss=grid.min_delta_loss,
         batch_size=grid.batch_size,

@@ -6,8 +6,10 @@ validation loss on every evaluation cell and appends them to its learning curve.
 - **converged**: when every cell reaches ``target`` accuracy;
 - **patience**: when for ``patience`` evaluations in a row neither the mean accuracy rose by
   ``min_delta_acc`` nor the mean loss fell by the fraction ``min_delta_loss`` below their best
-  (the loss counts because recall is learned in a late, sharp transition that the loss
-  announces: on the H_M/M plateau accuracy is flat while the loss still falls);
+  (the loss counts because on the H_M/M plateau accuracy is flat while the loss still falls).
+  Evaluations before step ``patience_after`` never count: recall is learned in a late, sharp
+  transition, and before it the loss of e.g. Gated DeltaNet sits at chance (log 64) for 600+
+  steps, exactly like a model that never learns;
 - **budget**: at the grid's ``steps``, the cap, the same for every model.
 
 The rule's state lives in :class:`Convergence` (a Trainer :class:`Schedule`), so it is saved in
@@ -31,6 +33,7 @@ class Convergence(Schedule):
         eval_every: int,
         target: float,
         patience: int,
+        patience_after: int = 0,
         min_delta_acc: float,
         min_delta_loss: float,
         batch_size: int,
@@ -42,6 +45,7 @@ class Convergence(Schedule):
                 f"{eval_every}, {patience}, {target}"
             )
         self.eval_every, self.target, self.patience = eval_every, target, patience
+        self.patience_after = patience_after
         self.min_delta_acc, self.min_delta_loss = min_delta_acc, min_delta_loss
         self.batch_size, self._on_step = batch_size, on_step
         self.curve: list[dict] = []  # {"step", "examples", "acc": {cell: a}, "loss": l}
@@ -59,7 +63,8 @@ class Convergence(Schedule):
             1 - self.min_delta_loss
         )
         self.best_acc, self.best_loss = max(self.best_acc, mean), min(self.best_loss, loss)
-        self.since_best = 0 if improved else self.since_best + 1
+        counts = step > self.patience_after
+        self.since_best = 0 if improved or not counts else self.since_best + 1
         if min(acc.values()) >= self.target:
             self.status = "converged"
         elif self.patience and self.since_best >= self.patience:

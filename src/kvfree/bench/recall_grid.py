@@ -36,7 +36,8 @@ class RecallGrid:
     steps: int = 1000  # optimizer steps per run, the cap (fixed train sets: from epochs)
     eval_every: int = 0  # validation curve every N steps (0: only at the end, no early stop)
     target: float = 0.99  # stop when every cell's validation accuracy reaches this
-    patience: int = 0  # stop after N evaluations without improvement (0: never)
+    patience: int = 0  # stop after N evaluations without improvement (0: never) …
+    patience_after: int = 0  # … counted from this step on (recall transitions come late)
     min_delta_acc: float = 0.005  # improvement: mean val accuracy up by this …
     min_delta_loss: float = 0.01  # … or mean val loss down by this fraction of its best
     epochs: int | None = None  # with train_examples: epochs over the fixed set
@@ -112,10 +113,11 @@ def _cpu() -> RecallGrid:
         axes=("num_kv_pairs", "gap"),
         train="mixture",
         train_cells=[{"num_kv_pairs": m, "gap": g} for m, g in CPU_TRAIN],
-        steps=1500,
+        steps=1200,
         eval_every=100,
         target=0.99,
-        patience=5,
+        patience=4,
+        patience_after=600,
         batch_size=32,
         lrs=[3e-3],
         model_lrs=dict(CPU_LRS),
@@ -193,6 +195,7 @@ def _zoology_cpu() -> RecallGrid:
         eval_every=100,
         target=0.99,
         patience=5,
+        patience_after=1000,
         batch_size=64,
         lrs=[3e-3],
         model_lrs={"recall-attention": [1e-3]},

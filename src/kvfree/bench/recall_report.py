@@ -191,7 +191,8 @@ def markdown(summary: dict, meta: dict) -> str:
     )
     stop = (
         f"until every cell reaches {grid['target']:g} validation accuracy or "
-        f"{grid['patience']} evaluations without improvement, at most {grid['steps']} steps"
+        f"{grid['patience']} evaluations without improvement after step "
+        f"{grid.get('patience_after', 0)}, at most {grid['steps']} steps"
         if grid.get("eval_every")
         else f"{grid['steps']} steps"
     )
