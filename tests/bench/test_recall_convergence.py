@@ -106,7 +106,7 @@ def test_budget_outcome_and_reach_table(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["outcome"] == "budget" and r["steps"] == 12 for r in rows)
     assert all([p[0] for p in r["curve"]] == [12, 24, 36, 48] for r in rows)
-    assert "> 48 (0/2)" in res["markdown"]  # no seed reached 0.9 within the cap
+    assert "| > 48 |" in res["markdown"]  # no seed reached 0.9 within the cap
 
 
 class Interrupt(Exception):

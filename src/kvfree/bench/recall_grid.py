@@ -124,7 +124,8 @@ def _cpu() -> RecallGrid:
         warmup_steps=120,
         weight_decay=0.1,
         min_lr_ratio=1.0,
-        n_val=200,
+        n_val=100,
+        eval_batch=50,
         n_test=500,
         note="CPU-sized: one run per model on a mixture of 8 (M, gap) cells (one cell per "
         "step, round robin; fresh examples every step), evaluated on the 4 cells "

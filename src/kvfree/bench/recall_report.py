@@ -109,11 +109,13 @@ def _kilo(n: float) -> str:
 
 
 def _reached(values: list, cap: int) -> str:
-    """Median examples over the seeds that reached a threshold, or ``> cap (k/n)``."""
+    """Median examples over the seeds; ``> cap`` when no seed reached the threshold within the
+    cap; ``median (k/n)`` over the k of n seeds that did."""
     got = [v for v in values if v is not None]
-    if len(got) == len(values) and got:
-        return _kilo(float(np.median(got)))
-    return f"> {_kilo(cap)} ({len(got)}/{len(values)})"
+    if not got:
+        return f"> {_kilo(cap)}"
+    med = _kilo(float(np.median(got)))
+    return med if len(got) == len(values) else f"{med} ({len(got)}/{len(values)})"
 
 
 def _stops(s: dict, batch: int) -> str:
@@ -170,8 +172,13 @@ def markdown(summary: dict, meta: dict) -> str:
             cap = s["steps_cap"] * grid["batch_size"]
             for c in cells:
                 x = s["cells"].get(c)
+                parts = None if x is None else [_reached(x[k], cap) for k in REACHED]
                 erec[labels[c]] = (
-                    None if x is None else " / ".join(_reached(x[k], cap) for k in REACHED)
+                    None
+                    if parts is None
+                    else parts[0]
+                    if parts[0] == parts[1]
+                    else " / ".join(parts)
                 )
             reach_rows.append(erec)
     seeds = sorted({x for s in models.values() for x in s["seeds"]})
@@ -228,9 +235,9 @@ def markdown(summary: dict, meta: dict) -> str:
     if reach_rows:
         reach = (
             "\nExamples seen until the validation accuracy (train-seed range, evaluated every "
-            f"{grid.get('eval_every')} steps) first reached 0.9 / 0.99, median over seeds; "
-            "`> N (k/n)`: k of n seeds reached it within the cap of N examples:\n\n"
-            + markdown_table(reach_rows)
+            f"{grid.get('eval_every')} steps) first reached 0.9 / 0.99 (one number: the same "
+            "for both), median over seeds; `> N`: not within the cap of N examples; `(k/n)`: "
+            "only k of n seeds reached it, median over those:\n\n" + markdown_table(reach_rows)
         )
     return (
         head

@@ -104,6 +104,18 @@ def heatmaps(
     return out
 
 
+def _kilo_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v / 1000:.2g}k" if v >= 1000 else f"{v:g}")
+
+
+def _null_formatter():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def _reference_lines(ax, refs):
     for label, y in refs or []:
         ax.axhline(y, color="grey", lw=0.8, ls=":")
@@ -125,9 +137,11 @@ def learning_curves(panels: dict[str, dict[str, dict]], path, *, title: str, ref
             ax.plot(c["x"], c["mean"], color=colors[model], lw=1.4, label=model)
             if any(lo != hi for lo, hi in zip(c["lo"], c["hi"])):
                 ax.fill_between(c["x"], c["lo"], c["hi"], color=colors[model], alpha=0.18, lw=0)
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(_kilo_formatter())
+        ax.xaxis.set_minor_formatter(_null_formatter())
         ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3, which="major")
         ax.set_xlabel("training examples seen")
         ax.set_ylabel("validation accuracy")
         ax.set_title(cell, fontsize=9)
@@ -135,16 +149,10 @@ def learning_curves(panels: dict[str, dict[str, dict]], path, *, title: str, ref
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(3, len(labels)),
-        fontsize=7,
-        bbox_to_anchor=(0.5, -0.02 - 0.025 * (len(labels) // 3)),
-    )
+    rows = -(-len(labels) // 3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * (len(labels) // 3), 1, 0.97))
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 0.97))
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7)
     out = _save(fig, path)
     plt.close(fig)
     return out
