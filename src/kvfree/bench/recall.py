@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,19 +450,30 @@ def run(
         dynamic_ncols=True,
         desc=label(),
     )
-    if workers > 1 and len(todo) > 1:
-        from kvfree.bench.recall_workers import run_parallel
+    try:
+        if workers > 1 and len(todo) > 1:
+            from kvfree.bench.recall_workers import run_parallel
 
-        for res in run_parallel(grid, todo, out_dir, device, workers, threads or 1, bar):
-            done[res["job"]["id"]] = res
-            bar.set_description(label())
-    else:
-        for job in todo:
-            bar.set_postfix_str(job.id)
-            done[job.id] = run_job(
-                grid, job, out_dir, device=device, on_step=bar.update, threads=threads
-            )
-            bar.set_description(label())
+            for res in run_parallel(grid, todo, out_dir, device, workers, threads or 1, bar):
+                done[res["job"]["id"]] = res
+                bar.set_description(label())
+        else:
+            for job in todo:
+                bar.set_postfix_str(job.id)
+                done[job.id] = run_job(
+                    grid, job, out_dir, device=device, on_step=bar.update, threads=threads
+                )
+                bar.set_description(label())
+    except KeyboardInterrupt:
+        pass  # below: the jobs without a result
+    if any(j.id not in done for j in jobs):  # interrupted (here or in a worker)
+        bar.close()
+        print(
+            f"\ninterrupted: {len(done)} of {len(jobs)} runs finished (kept in {out_dir}/jobs); "
+            "the running ones saved a checkpoint. Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt
     bar.close()
     rows = [r for j in jobs for r in done[j.id]["rows"]]
     env = environment(device)

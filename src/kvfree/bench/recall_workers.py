@@ -7,8 +7,11 @@ steps and the ETA of the whole grid.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -27,7 +30,10 @@ def _worker(grid_dict: dict, job_dict: dict, out_dir: str, device, threads: int,
             q.put(pending[0])
             pending[0] = 0
 
-    res = run_job(grid, job, Path(out_dir), device=device, on_step=on_step, threads=threads)
+    try:
+        res = run_job(grid, job, Path(out_dir), device=device, on_step=on_step, threads=threads)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the Trainer saved the job's checkpoint
+        return None
     if pending[0]:
         q.put(pending[0])
     return res
@@ -43,12 +49,21 @@ def run_parallel(grid, jobs, out_dir, device, workers: int, threads: int, bar):
             for j in jobs
         }
         remaining = set(futures)
-        while remaining:
-            done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
-            while True:
-                try:
-                    bar.update(q.get_nowait())
-                except queue_mod.Empty:
-                    break
-            for f in done:
-                yield f.result()
+        try:
+            while remaining:
+                done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        bar.update(q.get_nowait())
+                    except queue_mod.Empty:
+                        break
+                for f in done:
+                    if f.result() is not None:
+                        yield f.result()
+        except KeyboardInterrupt:
+            # each running worker gets SIGTERM: its Trainer saves a checkpoint and stops
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
