@@ -8,6 +8,7 @@ import torch
 
 from kvfree import perf
 from kvfree.blocks import CausalConv1d
+from kvfree.commands.demo import MAIN_MODELS
 from kvfree.models import LanguageModel, preset
 from kvfree.train import TrainConfig, Trainer
 
@@ -62,17 +63,7 @@ def test_causal_conv_shifted_sum_equals_conv1d(k, bias):
     _assert_same(ref, fast)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "recall-attention",
-        "recall-mamba2",
-        "recall-gdn",
-        "recall-mamba2-ska",
-        "recall-mamba2-ska-prefix",
-        "recall-fdm",
-    ],
-)
+@pytest.mark.parametrize("name", MAIN_MODELS)
 def test_recall_preset_fast_equals_reference(name):
     """Logits and the gradient of every parameter, whole model, float64; the reference runs at
     the presets' former chunk sizes (what bench train-speed compares against)."""

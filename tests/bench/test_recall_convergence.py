@@ -8,27 +8,13 @@ import pytest
 from kvfree.bench import recall as R
 from kvfree.bench.recall_convergence import Convergence
 from kvfree.bench.recall_grid import RecallGrid, grid
+from tests.bench.test_recall import tiny as base_tiny
 
 MODELS = ["tiny-linear[d_model=16]", "recall-attention[d_model=16]"]
 
 
 def tiny(**kw) -> RecallGrid:
-    base = dict(
-        name="tiny",
-        task="mqar_gap",
-        cells=[{"num_kv_pairs": 2, "gap": 4}, {"num_kv_pairs": 2, "gap": 12}],
-        axes=("num_kv_pairs", "gap"),
-        steps=12,
-        eval_every=3,
-        patience=0,
-        batch_size=4,
-        lrs=[1e-3],
-        warmup_steps=1,
-        n_val=6,
-        n_test=8,
-        eval_batch=6,
-    )
-    return RecallGrid(**{**base, **kw})
+    return base_tiny(**{**dict(steps=12, eval_every=3, eval_batch=6), **kw})
 
 
 def rule(**kw) -> Convergence:

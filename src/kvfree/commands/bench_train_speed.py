@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kvfree.cli import bench_app, report_app
+from kvfree.cli import bench_app
 
 
 @bench_app.command("train-speed")
@@ -34,27 +34,3 @@ def bench_train_speed(
 
         path = update_readme_section(readme, "train-speed", res["markdown"])
         print(f"updated section 'train-speed' of {path}")
-
-
-@report_app.command("train-speed")
-def report_train_speed(
-    run_dir: str = typer.Argument(..., help="A `bench train-speed` output folder."),
-    readme: str = typer.Option(None, help="Write the table into this README."),
-    section: str = typer.Option("train-speed", help="README section name."),
-) -> None:
-    """Regenerate the train-speed table from RUN_DIR/train_speed.json."""
-    import json
-    from pathlib import Path
-
-    from kvfree.bench.train_speed import render
-
-    path = Path(run_dir) / "train_speed.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `kvfree bench train-speed --out {run_dir}`")
-    md = render(json.loads(path.read_text()))
-    print(md)
-    if readme:
-        from kvfree.report.tables import update_readme_section
-
-        update_readme_section(readme, section, md)
-        print(f"updated section {section!r} of {readme}")

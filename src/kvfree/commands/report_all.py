@@ -1,4 +1,5 @@
-"""``kvfree report all`` and ``kvfree report kernels``: README sections from committed results."""
+"""``kvfree report all``, ``report kernels`` and ``report train-speed``: README sections from
+result files (``results/`` holds the committed ones)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ def report_all(
         print(f"updated {len(done)} section(s) of {readme}")
 
 
+def _from_json(run_dir: str, filename: str, bench: str, render, section: str, readme) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `kvfree bench {bench} --out {run_dir}`")
+    md = render(json.loads(path.read_text()))
+    print(md)
+    if readme:
+        from kvfree.report.tables import update_readme_section
+
+        update_readme_section(readme, section, md)
+        print(f"updated section {section!r} of {readme}")
+
+
 @report_app.command("kernels")
 def report_kernels(
     run_dir: str = typer.Argument(..., help="A `bench kernels` output folder."),
@@ -30,18 +47,18 @@ def report_kernels(
     section: str = typer.Option("kernels", help="README section name."),
 ) -> None:
     """Regenerate the kernels table from RUN_DIR/kernels.json."""
-    import json
-    from pathlib import Path
-
     from kvfree.bench.kernels import kernels_markdown
 
-    path = Path(run_dir) / "kernels.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `kvfree bench kernels --out {run_dir}`")
-    md = kernels_markdown(json.loads(path.read_text()))
-    print(md)
-    if readme:
-        from kvfree.report.tables import update_readme_section
+    _from_json(run_dir, "kernels.json", "kernels", kernels_markdown, section, readme)
 
-        update_readme_section(readme, section, md)
-        print(f"updated section {section!r} of {readme}")
+
+@report_app.command("train-speed")
+def report_train_speed(
+    run_dir: str = typer.Argument(..., help="A `bench train-speed` output folder."),
+    readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("train-speed", help="README section name."),
+) -> None:
+    """Regenerate the train-speed table from RUN_DIR/train_speed.json."""
+    from kvfree.bench.train_speed import render
+
+    _from_json(run_dir, "train_speed.json", "train-speed", render, section, readme)

@@ -64,14 +64,15 @@ def heatmap(
     col_label: str,
 ) -> Path:
     """``values[(row, col)]`` → colour; missing cells are blank."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.1 * len(col_keys) + 2, 0.7 * len(row_keys) + 1.5))
-    im = _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label)
-    fig.colorbar(im, ax=ax, label="accuracy")
-    ax.set_title(title, fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return heatmaps(
+        {"": values},
+        row_keys,
+        col_keys,
+        path,
+        title=title,
+        row_label=row_label,
+        col_label=col_label,
+    )
 
 
 def heatmaps(
