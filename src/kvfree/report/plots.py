@@ -92,6 +92,7 @@ def heatmaps(
     nrow = -(-n // ncol)
     w, h = 1.1 * len(col_keys) + 1.5, 0.7 * len(row_keys) + 1.4
     fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow), squeeze=False)
+    fig.subplots_adjust(hspace=0.6, wspace=0.4)
     im = None
     for ax, (name, values) in zip(axes.flat, panels.items()):
         im = _heatmap_ax(ax, values, row_keys, col_keys, row_label, col_label)
