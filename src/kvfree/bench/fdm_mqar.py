@@ -257,6 +257,14 @@ def run(
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
     }
     write_json(out_dir / "fdm_mqar.json", result)
+    md = fdm_mqar_markdown(result)
+    atomic_write(out_dir / "fdm_mqar.md", md)
+    return {**result, "markdown": md}
+
+
+def fdm_mqar_markdown(result: dict) -> str:
+    """The table of an ``fdm_mqar.json`` result (``kvfree report fdm-mqar``)."""
+    p, env, summary = Protocol(**result["protocol"]), result["env"], result["summary"]
     cols = [
         "model",
         "setting",
@@ -267,7 +275,7 @@ def run(
         "paper_max_over_epochs",
         "seconds_per_run",
     ]
-    md = (
+    return (
         f"FDM MQAR protocol (docs/tasks.md §3): {p.num_examples} sequences (data seed "
         f"{p.data_seed}), first {p.test_frac:.0%} test, validation {p.val_frac:.0%} of the "
         f"rest; Adam LR {p.lr}, cosine over {p.epochs} epochs, batch {p.batch_size}, clip "
@@ -277,5 +285,3 @@ def run(
         f"{env['device']} ({env['device_name']}), {env['threads']} threads, torch "
         f"{env['torch']}.\n\n" + markdown_table(summary, cols)
     )
-    atomic_write(out_dir / "fdm_mqar.md", md)
-    return {**result, "markdown": md}

@@ -62,3 +62,15 @@ def report_train_speed(
     from kvfree.bench.train_speed import render
 
     _from_json(run_dir, "train_speed.json", "train-speed", render, section, readme)
+
+
+@report_app.command("fdm-mqar")
+def report_fdm_mqar(
+    run_dir: str = typer.Argument(..., help="A `bench fdm-mqar` output folder."),
+    readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("fdm-mqar", help="README section name."),
+) -> None:
+    """Regenerate the FDM MQAR table from RUN_DIR/fdm_mqar.json."""
+    from kvfree.bench.fdm_mqar import fdm_mqar_markdown
+
+    _from_json(run_dir, "fdm_mqar.json", "fdm-mqar", fdm_mqar_markdown, section, readme)

@@ -27,6 +27,12 @@ def _kernels(folder: Path) -> str:
     return kernels_markdown(json.loads((folder / "kernels.json").read_text()))
 
 
+def _fdm_mqar(folder: Path) -> str:
+    from kvfree.bench.fdm_mqar import fdm_mqar_markdown
+
+    return fdm_mqar_markdown(json.loads((folder / "fdm_mqar.json").read_text()))
+
+
 def _capacity(folder: Path) -> str:
     from kvfree.bench.capacity import capacity_markdown
 
@@ -40,6 +46,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     "train-speed": ("train-speed", "train_speed.json", _train_speed),
     "kernels": ("kernels", "kernels.json", _kernels),
     "capacity": ("capacity", "capacity.json", _capacity),
+    "fdm-mqar": ("fdm-mqar", "fdm_mqar.json", _fdm_mqar),
 }
 
 
