@@ -281,10 +281,13 @@ def run_job(
     run_dir = out_dir / "jobs" / job.id
     stamp = run_dir / "fingerprint"
     fingerprint = f"{grid.fingerprint()}-{model_fingerprint(job.model, probe.vocab_size)}"
-    if run_dir.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(run_dir)  # a run of another grid or model: start afresh
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
-    if not resume:
+    resume = (
+        stamp.exists()
+        and stamp.read_text() == fingerprint
+        and (run_dir / "checkpoints" / "last.pt").exists()
+    )
+    if not resume:  # nothing of this grid and model to continue: start afresh
+        shutil.rmtree(run_dir, ignore_errors=True)
         atomic_write(stamp, fingerprint)
     t0 = time.time()
     trainer = Trainer(
