@@ -308,6 +308,8 @@ def run_job(
         on_step(1 + steps - trainer.step)
     train_s = summary["train_seconds_total"]
     outcome = conv.status or "budget"
+    # the final weights were just evaluated on the validation sets (the curve's last point)
+    last = conv.curve[-1] if conv.curve and conv.curve[-1]["step"] == trainer.step else None
     rows = []
     for cell in job.eval_cells:
         key = cell_key(cell)
@@ -327,7 +329,9 @@ def run_job(
                 "cell": key,
                 **cell,
                 "seq_len": test.seq_len,
-                "val_acc": evaluate(model, val_sets[key], mask, grid.eval_batch, device),
+                "val_acc": last["acc"][key]
+                if last is not None
+                else evaluate(model, val_sets[key], mask, grid.eval_batch, device),
                 "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
                 "n_val": grid.n_val,
                 "n_test": len(test),
