@@ -1,5 +1,7 @@
-"""Numerics shared by the ridge-type mixers (SKA, MesaNet): fp32 islands, Cholesky with a
-jitter/eigen fallback that never yields NaN silently, SPD solves, power iteration.
+"""Numerics shared by the mixers: the one ``segsum`` (stable log-space segment sums of the
+chunked scans: Mamba-2, FDM, MesaNet), the one ``l2norm`` (keys and queries of DeltaNet, Gated
+DeltaNet, MesaNet, SKA), and for the ridge-type mixers (SKA, MesaNet) fp32 islands, Cholesky
+with a jitter/eigen fallback that never yields NaN silently, SPD solves, power iteration.
 
 All functions work on batched [..., n, n] matrices and keep the caller's dtype, except that
 :func:`fp32_island` promotes half precision to fp32 (float64 stays float64, as in tests).
@@ -13,6 +15,22 @@ import torch
 
 #: Jitters tried, in order, on the slices whose Cholesky failed (docs/ska.md §9).
 JITTERS = (1e-4, 1e-3, 1e-2)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(‖x‖² + eps)`` over the last dim (fla's l2norm; SKA passes eps = 1e-12)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """Stable segment sum: x [..., l] -> [..., l, l], out[i, j] = Σ_{j<k≤i} x_k for i ≥ j and
+    −∞ for i < j. Built as a cumsum over i of x_i repeated along j and masked to i > j, so
+    every entry is a sum of the relevant terms only (never ℓ_i − ℓ_j of two long cumsums)."""
+    l = x.shape[-1]
+    ones = torch.ones(l, l, dtype=torch.bool, device=x.device)
+    rep = x.unsqueeze(-1).expand(*x.shape, l)  # rep[..., i, j] = x_i
+    seg = rep.masked_fill(~ones.tril(-1), 0.0).cumsum(-2)
+    return seg.masked_fill(~ones.tril(), float("-inf"))
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

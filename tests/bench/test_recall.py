@@ -143,7 +143,7 @@ def test_main_job_presets_and_oracle_mask():
     from kvfree.models import preset
     from kvfree.models.presets_recall import oracle_mask
 
-    assert sorted(MAIN_MODELS) == sorted(SLOWEST_FIRST) and len(MAIN_MODELS) == 6
+    assert sorted(MAIN_MODELS) == sorted(SLOWEST_FIRST) and len(MAIN_MODELS) == 9
     masks = {m: oracle_mask(preset(m)) for m in MAIN_MODELS}
     assert masks == {m: m == "recall-mamba2-ska-prefix" for m in MAIN_MODELS}
     g = grid("cpu")

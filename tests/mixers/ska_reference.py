@@ -61,12 +61,18 @@ def read(m, G, M, C, q):
     )
 
 
-def project(m, h):
+def project(m, h, history=None):
+    """z, q [B, H, r], v [B, H, P] of one token h [B, D]; with a conv, ``history`` holds the
+    last k−1 raw projections [B, k−1, H(2r+P)] and is updated in place (list-free loop)."""
     B = h.shape[0]
-    z = m.k_proj(h).view(B, m.H, m.r)
-    q = m.q_proj(h).view(B, m.H, m.r)
-    v = m.v_proj(h).view(B, m.H, m.P)
-    return z, q, v
+    z, q, v = m.k_proj(h), m.q_proj(h), m.v_proj(h)
+    if m.conv is not None:
+        raw = torch.cat([z, q, v], -1)
+        window = torch.cat([history[0], raw[:, None]], 1)  # [B, k, C], oldest first
+        y = sum(window[:, i] * m.conv.weight[:, i] for i in range(window.shape[1]))
+        history[0] = window[:, 1:]
+        z, q, v = torch.nn.functional.silu(y).split([m.H * m.r, m.H * m.r, m.H * m.P], -1)
+    return z.reshape(B, m.H, m.r), q.reshape(B, m.H, m.r), v.reshape(B, m.H, m.P)
 
 
 def out(m, y):
@@ -84,9 +90,10 @@ def token_loop(m, x, state, mask):
     if chunk:
         Gp, Mp, Cp = st.pending.G, st.pending.M, st.pending.C
     pos = int(n.flatten()[0]) if n.numel() else 0
+    history = [st.conv]
     ys = []
     for t in range(T):
-        z, q, v = project(m, x[:, t])
+        z, q, v = project(m, x[:, t], history)
         zh, qh = unit(z), unit(q)
         sb = (
             torch.sigmoid(m.beta_proj(x[:, t])).sqrt()
@@ -121,7 +128,7 @@ def token_loop(m, x, state, mask):
         prev, pos = pw, pos + 1
         ys.append(out(m, y))
     pending = SKAPending(Gp, Mp, Cp) if chunk else None
-    return torch.stack(ys, 1), SKAState(G, M, C, prev, n + T, pending)
+    return torch.stack(ys, 1), SKAState(G, M, C, prev, n + T, pending, history[0])
 
 
 def randomize(m: nn.Module, seed: int = 0, gamma: float | None = None) -> nn.Module:

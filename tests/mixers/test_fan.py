@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvfree.linalg import segsum
 from kvfree.mixers import build_mixer
 from kvfree.mixers.fan import FanState
-from kvfree.mixers.fdm_scan import complex_scan, segsum
+from kvfree.mixers.fdm_scan import complex_scan
 from tests.contract import MixerContract
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvfree.linalg import segsum
 from kvfree.mixers import build_mixer
-from kvfree.mixers.mamba2 import Mamba2State, segsum, ssd_chunked
+from kvfree.mixers.mamba2 import Mamba2State, ssd_chunked
 from tests.contract import F64, MixerContract, assert_close, err_ratio
 
 

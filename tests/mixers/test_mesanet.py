@@ -65,6 +65,8 @@ class TestMesaNet(MixerContract):
         dict(chunk_size=64, num_heads=1),
         dict(chunk_size=16, use_gates=False, lambda_init=0.5, lambda_min=0.1),
         dict(chunk_size=7, num_heads=4, conv_size=2),
+        # conjugate-gradient solves (mesa_cg.py), converged to float64 round-off
+        dict(chunk_size=16, solver="cg", cg_tol=1e-14, cg_iters=200),
     ]
 
     def reference(self, m, x, state, mask):
@@ -118,6 +120,43 @@ def test_core_equals_naive_loop(chunk, strong):
     # gamma given as values is the same as log_gamma
     o2, _ = mesa_core(q, k, v, beta, lg.exp(), lam, st0, chunk_size=chunk)
     assert_close("gamma vs log_gamma", o, o2, atol=1e-12, ratio=1e-9)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_cg_solver_equals_exact_values_and_gradients(strong):
+    """CG without per-token matrices, gradients by implicit differentiation, = the exact
+    Cholesky form: to round-off in float64 at a tight tolerance, and to the training
+    tolerance (1e-6 relative residual, fp32) within 1e-4 of the output scale."""
+    q, k, v, beta, lg, lam = core_inputs(T=40, strong=strong)
+    _, st0 = core_naive(*core_inputs(T=9, seed=11))
+    w = randn(2, 40, 3, 5, seed=9)
+    got = {}
+    for dtype, solver, tol in (
+        (torch.float64, "exact", None),
+        (torch.float64, "cg", 1e-14),
+        (torch.float32, "cg", 1e-6),
+    ):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v, beta, lg, lam)]
+        q_, k_, v_, b_, lg_, lam_ = leaves
+        kw = dict(solver=solver, cg_iters=200, **({"cg_tol": tol} if tol else {}))
+        st = tuple(t.to(dtype) for t in st0)
+        o, _ = mesa_core(q_, k_, v_, b_, None, lam_, st, log_gamma=lg_, chunk_size=16, **kw)
+        (o * w.to(dtype)).sum().backward()
+        got[(dtype, solver)] = (o.detach().double(), [t.grad.double() for t in leaves])
+    o_ref, g_ref = got[(torch.float64, "exact")]
+    o64, g64 = got[(torch.float64, "cg")]
+    o32, g32 = got[(torch.float32, "cg")]
+    assert_close("cg output (f64)", o_ref, o64, **F64)
+    scale = float(o_ref.abs().max())
+    assert float((o32 - o_ref).abs().max()) < 1e-4 * scale
+    for name, r, a, b in zip(("q", "k", "v", "beta", "log_gamma", "lambda"), g_ref, g64, g32):
+        assert_close(f"cg gradient of {name} (f64)", r, a, **F64)
+        assert float((b - r).abs().max()) < 1e-3 * float(r.abs().max()), name
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver must be 'exact' or 'cg'"):
+        build_mixer("mesanet", 16, solver="lu")
 
 
 def test_core_gradients_match_naive_with_strong_decay():

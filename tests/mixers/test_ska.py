@@ -37,6 +37,8 @@ class TestSKACausal(MixerContract):
             out_init="layerscale",
             layerscale_init=0.5,
         ),
+        # the recall recipe's short conv on z, q, v (its buffer is part of the state)
+        dict(mode="chunk", chunk_size=16, beta_gate=True, conv_size=4, K=1, **SMALL),
     ]
 
     def make(self, cfg, dtype=torch.float64):

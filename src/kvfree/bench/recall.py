@@ -181,14 +181,16 @@ def build_model(model_spec: str, vocab_size: int, seed: int):
 
 
 def parse_model(spec: str) -> tuple[str, dict]:
-    """``preset`` or ``preset[key=value,…]`` (values parsed as JSON when possible)."""
+    """``preset`` or ``preset[key=value,…]``: a key is a config field or ``<mixer>.<option>``
+    (``recall-mamba2-ska[ska.K=1,ska.conv_size=4]``); values are parsed as JSON when possible
+    (commas inside JSON brackets do not split)."""
     if "[" not in spec:
         return spec, {}
     if not spec.endswith("]"):
         raise ValueError(f"model spec {spec!r}: write preset[key=value,...]")
     name, rest = spec[:-1].split("[", 1)
     out = {}
-    for part in filter(None, rest.split(",")):
+    for part in filter(None, split_top(rest)):
         if "=" not in part:
             raise ValueError(f"model spec {spec!r}: {part!r} is not key=value")
         k, v = part.split("=", 1)
@@ -197,6 +199,19 @@ def parse_model(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             out[k] = v
     return name, out
+
+
+def split_top(text: str) -> list[str]:
+    """Split on commas outside [] and {}."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur]
 
 
 def model_fingerprint(model_spec: str, vocab_size: int) -> str:
@@ -253,6 +268,7 @@ def run_job(
         on_step=on_step,
     )
     val_sets = {cell_key(c): _cell_data(grid, c, "val", grid.n_val) for c in job.eval_cells}
+    ska_diag = _ska_probe(grid, job, model, val_sets, mask, device)
     trainer: Trainer | None = None
 
     def eval_fn(m) -> dict:
@@ -261,6 +277,8 @@ def run_job(
             accs[key], loss = evaluate_with_loss(m, data, mask, grid.eval_batch, device)
             losses.append(loss)
         conv.record(trainer.step, accs, float(np.mean(losses)))
+        if ska_diag is not None:  # SKA diagnostics at this point of the curve (ska_probe.py)
+            conv.curve[-1]["ska"] = ska_diag(m)
         return {"val_acc": float(np.mean(list(accs.values()))), "val_loss": conv.curve[-1]["loss"]}
 
     cfg = TrainConfig(
@@ -370,6 +388,19 @@ def run_job(
     write_json(out_dir / "jobs" / f"{job.id}.json", result)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
+
+
+def _ska_probe(grid: RecallGrid, job: Job, model, val_sets: dict, mask, device):
+    """``probe(model) -> dict`` of SKA's training diagnostics on 16 examples of the longest
+    ``mqar_gap`` validation cell, or None (no SKA layer, another task)."""
+    from kvfree.bench.ska_probe import probe, ska_layers
+
+    if grid.task != "mqar_gap" or not ska_layers(model):
+        return None
+    cell = max(job.eval_cells, key=lambda c: (c["gap"], c["num_kv_pairs"]))
+    data = val_sets[cell_key(cell)]
+    batch = data.batch(range(min(16, len(data))), mask=mask, device=device)
+    return lambda m: probe(m, batch, num_kv_pairs=cell["num_kv_pairs"], gap=cell["gap"])
 
 
 def load_job(out_dir: Path, grid: RecallGrid, job: Job) -> dict | None:

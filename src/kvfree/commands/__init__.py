@@ -6,6 +6,7 @@ from kvfree.commands import (  # noqa: F401
     bench_fdm_mqar,
     bench_kernels,
     bench_recall,
+    bench_ridge_study,
     bench_train_speed,
     data,
     demo,

@@ -8,7 +8,10 @@ from kvfree.cli import bench_app, report_app
 
 
 def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+    """Comma-separated items; commas inside a model spec's [...] (or JSON) do not split."""
+    from kvfree.bench.recall import split_top
+
+    return [t.strip() for t in split_top(text or "") if t.strip()]
 
 
 def _numbers(text: str | None, kind, name: str) -> list:
@@ -24,14 +27,15 @@ def bench_recall(
     models: str = typer.Option(
         "recall-attention,recall-mamba2,recall-gdn,recall-mamba2-ska,"
         "recall-mamba2-ska-prefix,recall-fdm",
-        help="Comma-separated model presets; preset[key=value] overrides "
-        "a config field, e.g. recall-gdn[d_model=128].",
+        help="Comma-separated model presets; preset[key=value,…] overrides "
+        "a config field or a mixer option, e.g. recall-gdn[d_model=128], "
+        "recall-mamba2-ska[ska.K=1].",
     ),
     seeds: str = typer.Option("0", help="Comma-separated model seeds (init and data order)."),
     lrs: str = typer.Option(
         None,
-        help="Comma-separated learning rates (default: the grid's); "
-        "several = a sweep, best LR per model by validation accuracy.",
+        help="Comma-separated learning rates for every model (default: the grid's, which "
+        "may differ per model); several = a sweep, best LR per model by validation accuracy.",
     ),
     steps: int = typer.Option(
         None, help="Training steps per run: the cap, the same for every model (default: grid's)."
@@ -66,8 +70,9 @@ def bench_recall(
     if grid not in GRIDS:
         raise typer.BadParameter(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     over = {}
-    if lrs:
+    if lrs:  # replaces the grid's LRs, the per-model ones too
         over["lrs"] = _numbers(lrs, float, "lrs")
+        over["model_lrs"] = {}
     for key, val in (
         ("steps", steps),
         ("batch_size", batch_size),

@@ -10,7 +10,7 @@ from kvfree.cli import bench_app
 @bench_app.command("train-speed")
 def bench_train_speed(
     models: str = typer.Option(
-        None, help="Comma-separated recall presets (default: the main job's six)."
+        None, help="Comma-separated recall presets (default: the main job's models)."
     ),
     out: str = typer.Option("runs/bench-train-speed", help="Output folder (JSON + markdown)."),
     steps: int = typer.Option(24, help="Timed training steps per process."),

@@ -1,10 +1,11 @@
 """``kvfree demo``: the main job — does a fixed-size memory recall as well as a KV cache?
 
-The CPU preset trains six 2-layer d = 64 models — Transformer (KV cache), Mamba-2, Gated
-DeltaNet, Mamba-2 + SKA without a mask (the headline) and with the oracle prefix mask, FDM — on
+The CPU preset trains nine 2-layer d = 64 models — Transformer (KV cache), Mamba-2, Gated
+DeltaNet, Mamba-2 + SKA without a mask (the recall recipe, the headline; and the paper's SKA as
+written) and with the oracle prefix mask, Gated DeltaNet + SKA, MesaNet, FDM — on
 Echo's MQAR-with-gap (docs/tasks.md §2) as one mixture of M ∈ {4, 8} pairs × gap ∈ {64, 256}, then
 evaluates every cell on held-out examples and prints accuracy and decode-state bytes per model
-and cell (``kvfree bench recall --grid cpu``; about 10 minutes on 2 cores). ``--preset paper``
+and cell (``kvfree bench recall --grid cpu``; about 17 minutes on 2 cores). ``--preset paper``
 runs the papers' grids (Echo's 28 cells per-cell, zoology's Based grid with an LR sweep) and is
 meant for a GPU.
 """
@@ -20,14 +21,20 @@ MAIN_MODELS = [
     "recall-mamba2",
     "recall-gdn",
     "recall-mamba2-ska",
+    "recall-mamba2-ska-paper",
     "recall-mamba2-ska-prefix",
+    "recall-gdn-ska",
+    "recall-mesanet",
     "recall-fdm",
 ]
 #: The slowest models start first so that two workers finish together.
 SLOWEST_FIRST = [
+    "recall-mesanet",
     "recall-fdm",
-    "recall-mamba2-ska",
+    "recall-mamba2-ska-paper",
     "recall-mamba2-ska-prefix",
+    "recall-gdn-ska",
+    "recall-mamba2-ska",
     "recall-gdn",
     "recall-mamba2",
     "recall-attention",
@@ -37,7 +44,7 @@ SLOWEST_FIRST = [
 @app.command()
 def demo(
     preset: str = typer.Option(
-        "cpu", help="cpu (the main job, ~10 min on 2 cores) | paper (Echo + zoology grids; GPU)."
+        "cpu", help="cpu (the main job, ~17 min on 2 cores) | paper (Echo + zoology grids; GPU)."
     ),
     out: str = typer.Option("runs/demo", help="Output folder (a rerun resumes)."),
     seeds: str = typer.Option(
@@ -49,7 +56,8 @@ def demo(
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
 ) -> None:
     """The main job: recall accuracy and state bytes of KV-cache attention against fixed-memory
-    models (Mamba-2, Gated DeltaNet, Mamba-2 + SKA with/without the oracle mask, FDM)."""
+    models (Mamba-2, Gated DeltaNet, Mamba-2 / GDN + SKA with and without the oracle mask,
+    MesaNet, FDM)."""
     import os
     import time
     from pathlib import Path

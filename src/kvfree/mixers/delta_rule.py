@@ -24,13 +24,6 @@ import torch.nn.functional as F
 
 from kvfree import perf
 
-L2_EPS = 1e-6
-
-
-def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
-    """``x / sqrt(‖x‖² + eps)`` over the last dim (fla's l2norm)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
 
 def delta_rule_chunked(q, k, v, beta, S0, *, g=None, scale: float, chunk_size: int = 64):
     """Chunked (gated) delta rule.

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvfree.blocks import CausalConv1d
+from kvfree.linalg import l2norm
 from kvfree.mixers.base import Mixer
-from kvfree.mixers.delta_rule import delta_rule_chunked, delta_rule_step, l2norm
+from kvfree.mixers.delta_rule import delta_rule_chunked, delta_rule_step
 from kvfree.state import State
 
 

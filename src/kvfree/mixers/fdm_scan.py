@@ -29,21 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfree.linalg import segsum
+
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the scan runs in: float64 stays float64, everything else is fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def segsum(la: torch.Tensor) -> torch.Tensor:
-    """Stable segment sum over the last dim: [..., C] → [..., C, C] with
-    out[t, s] = Σ_{r=s+1}^{t} la_r for s ≤ t and −∞ above the diagonal."""
-    C = la.shape[-1]
-    x = la.unsqueeze(-1).expand(*la.shape, C)  # x[r, s] = la_r
-    strict = torch.ones(C, C, dtype=torch.bool, device=la.device).tril(-1)
-    x = x.masked_fill(~strict, 0.0).cumsum(-2)  # [t, s] = Σ_{s<r≤t} la_r
-    incl = torch.ones(C, C, dtype=torch.bool, device=la.device).tril()
-    return x.masked_fill(~incl, float("-inf"))
 
 
 def rotate(re: torch.Tensor, im: torch.Tensor, c: torch.Tensor, s: torch.Tensor):

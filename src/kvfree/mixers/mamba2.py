@@ -35,6 +35,7 @@ from torch import nn
 
 from kvfree import perf
 from kvfree.blocks import CausalConv1d
+from kvfree.linalg import segsum
 from kvfree.mixers.base import Mixer
 from kvfree.state import State
 
@@ -54,17 +55,6 @@ def dt_bias_init(
     u = torch.rand(n, dtype=torch.float64)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
     return (dt + torch.log(-torch.expm1(-dt))).float()  # softplus⁻¹(dt)
-
-
-def segsum(x: torch.Tensor) -> torch.Tensor:
-    """Stable segment-sum: x [..., l] -> [..., l, l], out[i, j] = Σ_{j<k≤i} x_k for i ≥ j and
-    −∞ for i < j. Built as a cumsum over i of x_i repeated along j and masked to i > j, so
-    every entry is a sum of the relevant terms only (never ℓ_i − ℓ_j of two long cumsums)."""
-    l = x.shape[-1]
-    ones = torch.ones(l, l, dtype=torch.bool, device=x.device)
-    rep = x.unsqueeze(-1).expand(*x.shape, l)  # rep[..., i, j] = x_i
-    seg = rep.masked_fill(~ones.tril(-1), 0.0).cumsum(-2)
-    return seg.masked_fill(~ones.tril(), float("-inf"))
 
 
 def ssd_chunked(X, dA, B, C, h0, chunk_size: int):

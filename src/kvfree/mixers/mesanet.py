@@ -5,7 +5,9 @@ Glossary (per head h; "Mesa rule" = the per-token ridge regression of the paper)
     q_t, k_t [d_k]   L2norm(SiLU(conv4(W_q x)))_t, same for k (short causal conv, kernel 4)
     v_t [d_v]        W_v x_t (no conv)
     β_t ∈ (0, 1)     σ(W_b x_t + b_b)                       input strength (``use_gates``)
-    γ_t ∈ (0, 1)     exp(logsigmoid(W_a x_t + b_a))         forget strength (``use_gates``)
+    γ_t ∈ (0, 1)     exp(logsigmoid(W_a x_t + b_a))         forget strength (``use_gates``);
+                     b_a = ``forget_bias_init`` if given (default nn.Linear init, as fla:
+                     γ ≈ 0.5 at init, a memory of a few tokens)
     λ [d_k]          softplus(λ_raw) + λ_min, λ_min = 0.25  ridge, per key channel, learned
     H^kk_t [d_k,d_k] γ_t H^kk_{t−1} + β_t k_t k_tᵀ
     H^kv_t [d_k,d_v] γ_t H^kv_{t−1} + β_t k_t v_tᵀ
@@ -47,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvfree.blocks import CausalConv1d
-from kvfree.linalg import FallbackCounter, fp32_island, spd_solve, upcast
+from kvfree.linalg import FallbackCounter, fp32_island, l2norm, segsum, spd_solve, upcast
 from kvfree.mixers.base import Mixer
+from kvfree.mixers.mesa_cg import cg_chunk_solve
 from kvfree.state import State
 
 _L2_EPS = 1e-6
@@ -60,16 +63,6 @@ class MesaNetState(State):
     H_kv: torch.Tensor  # [B, H, d_k, d_v]
     q_conv: torch.Tensor  # [B, k-1, H·d_k]  short-conv history of W_q x
     k_conv: torch.Tensor  # [B, k-1, H·d_k]
-
-
-def _segsum(g: torch.Tensor) -> torch.Tensor:
-    """g [..., C] -> [..., C, C] with out[i, j] = Σ_{j<m≤i} g_m for j ≤ i and −∞ above the
-    diagonal: a cumulative sum of masked repeated values, never a difference of cumsums."""
-    C = g.shape[-1]
-    ones = torch.ones(C, C, dtype=torch.bool, device=g.device)
-    x = g.unsqueeze(-1).expand(*g.shape, C)  # x[..., m, j] = g_m
-    x = x.masked_fill(~ones.tril(-1), 0.0)  # keep m > j
-    return x.cumsum(-2).masked_fill(~ones.tril(), -math.inf)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -113,9 +106,14 @@ def mesa_core(
     log_gamma=None,
     chunk_size: int = 64,
     counter: FallbackCounter | None = None,
+    solver: str = "exact",
+    cg_tol: float = 1e-6,
+    cg_iters: int = 32,
 ):
-    """Chunked exact Mesa rule on features q, k [B, T, H, d_k], v [B, T, H, d_v] (module
-    docstring). Returns ``(o [B, T, H, d_v], (H_kk, H_kv))``."""
+    """Chunked Mesa rule on features q, k [B, T, H, d_k], v [B, T, H, d_v] (module
+    docstring). Returns ``(o [B, T, H, d_v], (H_kk, H_kv))``. ``solver="exact"``: batched
+    Cholesky solves of the per-token matrices; ``"cg"``: conjugate gradients without forming
+    them (mesa_cg.py), to relative residual ``cg_tol`` or ``cg_iters`` iterations."""
     gate = log_gamma if log_gamma is not None else gamma
     _check_core(q, k, v, beta, gate, lam)
     B, T, H, dk = q.shape
@@ -149,20 +147,24 @@ def mesa_core(
         )  # [B, H, N, C, d]
         g, b = (F.pad(t, (0, 0, 0, pad)).view(B, N, C, H).permute(0, 3, 1, 2) for t in (g, b))
         ell = g.cumsum(-1)  # [B, H, N, C]: log Γ_i within the chunk
-        A = _segsum(g).exp() * b.unsqueeze(-2)  # [B, H, N, C, C]: β_j Γ_i/Γ_j, 0 for j > i
+        A = segsum(g).exp() * b.unsqueeze(-2)  # [B, H, N, C, C]: β_j Γ_i/Γ_j, 0 for j > i
         a_last = A[..., -1, :]  # [B, H, N, C]: β_j Γ_C/Γ_j
         S_kk = torch.einsum("bhnc,bhncd,bhnce->bhnde", a_last, k, k)  # chunk-local end states
         S_kv = torch.einsum("bhnc,bhncd,bhnce->bhnde", a_last, k, v)
-        decay = _segsum(F.pad(ell[..., -1], (1, 0))).exp()  # [B, H, N+1, N+1] across chunks
+        decay = segsum(F.pad(ell[..., -1], (1, 0))).exp()  # [B, H, N+1, N+1] across chunks
         Hkk = torch.einsum("bhij,bhjde->bhide", decay, torch.cat([Hkk0.unsqueeze(2), S_kk], 2))
         Hkv = torch.einsum("bhij,bhjde->bhide", decay, torch.cat([Hkv0.unsqueeze(2), S_kv], 2))
         # Hkk[:, :, c] = state entering chunk c; Hkk[:, :, N] = final state
         Gam = ell.exp()  # [B, H, N, C]
-        kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)  # [B, H, N, C, d_k²]: k_j k_jᵀ
-        H_loc = (A @ kk).unflatten(-1, (dk, dk))  # Σ_{j≤i} β_j Γ_i/Γ_j k_j k_jᵀ
-        H_tok = Gam[..., None, None] * Hkk[:, :, :N].unsqueeze(3) + H_loc  # [B,H,N,C,d_k,d_k]
-        M = H_tok + torch.diag_embed(lam)[None, :, None, None]
-        x = spd_solve(M, q.unsqueeze(-1), counter).squeeze(-1)  # [B, H, N, C, d_k]
+        if solver == "cg":
+            lam_b = lam[None, :, None, None, :]
+            x = cg_chunk_solve(q, Hkk[:, :, :N], k, A, Gam, lam_b, tol=cg_tol, max_iters=cg_iters)
+        else:
+            kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)  # [B, H, N, C, d_k²]: k_j k_jᵀ
+            H_loc = (A @ kk).unflatten(-1, (dk, dk))  # Σ_{j≤i} β_j Γ_i/Γ_j k_j k_jᵀ
+            H_tok = Gam[..., None, None] * Hkk[:, :, :N].unsqueeze(3) + H_loc  # [B,H,N,C,dk,dk]
+            M = H_tok + torch.diag_embed(lam)[None, :, None, None]
+            x = spd_solve(M, q.unsqueeze(-1), counter).squeeze(-1)  # [B, H, N, C, d_k]
         o = Gam.unsqueeze(-1) * (x @ Hkv[:, :, :N]) + (A * (x @ k.transpose(-1, -2))) @ v
         o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, dv)[:, :T]
         return o.to(out_dtype), (Hkk[:, :, N].to(st_dtype), Hkv[:, :, N].to(st_dtype))
@@ -198,11 +200,6 @@ def mesa_step(
         return o.to(out_dtype), (Hkk.to(st_dtype), Hkv.to(st_dtype))
 
 
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    x = upcast(x)
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + _L2_EPS)
-
-
 def _softplus_inv(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -227,6 +224,10 @@ class MesaNet(Mixer):
         lambda_min: float = 0.25,
         conv_size: int = 4,
         norm_eps: float = 1e-5,
+        solver: str = "exact",
+        cg_tol: float = 1e-6,
+        cg_iters: int = 32,
+        forget_bias_init: float | None = None,
     ):
         super().__init__(d_model)
         if head_dim is None:
@@ -240,6 +241,11 @@ class MesaNet(Mixer):
             raise ValueError(
                 f"chunk_size and conv_size must be >= 1, got {chunk_size}, {conv_size}"
             )
+        if solver not in ("exact", "cg"):
+            raise ValueError(f"MesaNet solver must be 'exact' or 'cg', got {solver!r}")
+        if cg_iters < 1 or not cg_tol > 0:
+            raise ValueError(f"need cg_iters >= 1 and cg_tol > 0, got {cg_iters}, {cg_tol}")
+        self.solver, self.cg_tol, self.cg_iters = solver, float(cg_tol), int(cg_iters)
         if not 0 <= lambda_min < lambda_init:
             raise ValueError(
                 f"need 0 <= lambda_min < lambda_init (λ = softplus(raw) + "
@@ -257,6 +263,8 @@ class MesaNet(Mixer):
         if use_gates:
             self.a_proj = nn.Linear(d_model, self.H, bias=True)  # forget strength γ
             self.b_proj = nn.Linear(d_model, self.H, bias=True)  # input strength β
+            if forget_bias_init is not None:  # γ ≈ σ(b) at init (None: nn.Linear's, γ ≈ 0.5)
+                nn.init.constant_(self.a_proj.bias, float(forget_bias_init))
         self.lambda_raw = nn.Parameter(
             torch.full((self.H, self.dk), _softplus_inv(lambda_init - lambda_min))
         )
@@ -299,7 +307,8 @@ class MesaNet(Mixer):
         q, qb = conv(self.q_conv, self.q_proj(x), state.q_conv)
         k, kb = conv(self.k_conv, self.k_proj(x), state.k_conv)
         shape = (*x.shape[:-1], self.H, -1)
-        q, k, v = _l2norm(q.view(shape)), _l2norm(k.view(shape)), self.v_proj(x).view(shape)
+        q, k = l2norm(upcast(q.view(shape)), _L2_EPS), l2norm(upcast(k.view(shape)), _L2_EPS)
+        v = self.v_proj(x).view(shape)
         beta = log_gamma = None
         if self.use_gates:
             beta = upcast(self.b_proj(x)).sigmoid()
@@ -324,6 +333,9 @@ class MesaNet(Mixer):
             log_gamma=lg,
             chunk_size=self.chunk_size,
             counter=self.fallbacks,
+            solver=self.solver,
+            cg_tol=self.cg_tol,
+            cg_iters=self.cg_iters,
         )
         return self._out(o), MesaNetState(Hkk, Hkv, qb, kb)
 
@@ -345,5 +357,5 @@ class MesaNet(Mixer):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, heads={self.H}, head_dim={self.dk}, "
-            f"chunk_size={self.chunk_size}, use_gates={self.use_gates}"
+            f"chunk_size={self.chunk_size}, use_gates={self.use_gates}, solver={self.solver}"
         )

@@ -5,7 +5,11 @@ Glossary (per head h; paper notation → code):
     v_t       [P]      W_V h_t (Xavier)                                              ``v_proj``
     ẑ_t, q̂_t          ℓ2-normalised (default, causal) or divided by the sequence max m (paper
                        App. E, non-causal: only in ``prefix``/``masked`` modes)
-    β_t                optional write gate σ(w_β·h_t + b_β) (zero init → 0.5), times the mask
+    conv               optional short causal depthwise conv (kernel ``conv_size``, SiLU) on the
+                       z, q, v projections — *not in the paper*; GDN and MesaNet have one (the
+                       ridge study, docs/ska.md §19): a shift before the memory, off in the recipe
+    β_t                optional write gate σ(w_β·h_t + b_β) (w zero init, b = ``beta_bias_init``:
+                       0 → 0.5), times the mask
     G̃ = εI + Σ β ẑẑᵀ   key Gram (eq. 4), state ``G`` holds the sum without εI
     M = Σ ω_t ẑ_t ẑ_{t−1}ᵀ   lag-one cross-covariance (eq. 5)
     C = Σ β v ẑᵀ       value–key covariance C_v (eq. 6) [P, r]
@@ -27,8 +31,9 @@ In ``token``/``chunk`` modes a mask is a causal binary write gate (β in sqrt mo
 
 State per head (floats): ``token``/``prefix``/``masked`` 2r² + Pr + r + 1 (G, M, C, the previous
 write key, and one scalar: the position, or m under ``seqmax``); ``chunk`` adds the pending
-G, M, C of the open chunk: 2(2r² + Pr) + r + 1. Decode costs O(r³ + Pr) per head and token
-(the operator is refactorised every step; no cache is carried beyond the counted state).
+G, M, C of the open chunk: 2(2r² + Pr) + r + 1; a conv adds its buffer (k−1)(2r + P). Decode
+costs O(r³ + Pr) per head and token (the operator is refactorised every step; no cache is
+carried beyond the counted state).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvfree.blocks import CausalConv1d
 from kvfree.linalg import FallbackCounter, fp32_island, upcast
 from kvfree.mixers import ska_core as core
 from kvfree.mixers.base import Mixer
@@ -86,6 +92,7 @@ class SKAState(State):
     prev: torch.Tensor  # [B, H, r]  p_{t−1}, the right factor of the next lag pair
     scalar: torch.Tensor  # [B, H]  tokens seen (position), or the seqmax normaliser m
     pending: SKAPending | None = None  # chunk mode only
+    conv: torch.Tensor | None = None  # [B, k-1, H(2r+P)] conv history of z, q, v (conv_size > 0)
 
 
 class SKA(Mixer):
@@ -123,6 +130,8 @@ class SKA(Mixer):
         boundary: str = "exclusive",
         out_init: str = "zero",
         layerscale_init: float = 1e-4,
+        conv_size: int = 0,
+        beta_bias_init: float = 0.0,
     ):
         super().__init__(d_model)
         mode = _ALIASES.get(mode, mode)
@@ -158,6 +167,8 @@ class SKA(Mixer):
         ):
             if val < 1:
                 raise ValueError(f"SKA {what} must be >= 1, got {val}")
+        if conv_size < 0:
+            raise ValueError(f"SKA conv_size must be >= 0 (0 = no conv), got {conv_size}")
         if K < 0 or eps < 0:
             raise ValueError(f"SKA needs K >= 0 and eps >= 0, got K={K}, eps={eps}")
         if gamma_max < 1.0:
@@ -183,6 +194,11 @@ class SKA(Mixer):
                 for w in proj.weight.view(self.H, rank, d_model):
                     nn.init.orthogonal_(w)
         nn.init.xavier_uniform_(self.v_proj.weight)
+        self.conv = (
+            CausalConv1d(self.H * (2 * rank + head_dim), conv_size, bias=False)
+            if conv_size
+            else None
+        )
         self.layerscale = None
         if out_init == "zero":
             nn.init.zeros_(self.out_proj.weight)
@@ -199,7 +215,7 @@ class SKA(Mixer):
         if beta_gate:
             self.beta_proj = nn.Linear(d_model, self.H)
             nn.init.zeros_(self.beta_proj.weight)
-            nn.init.zeros_(self.beta_proj.bias)
+            nn.init.constant_(self.beta_proj.bias, float(beta_bias_init))
         self.fallbacks = FallbackCounter()
         self.diagnostics: dict[str, torch.Tensor] = {}
 
@@ -207,6 +223,7 @@ class SKA(Mixer):
         return (
             f"d_model={self.d_model}, heads={self.H}, rank={self.r}, head_dim={self.P}, "
             f"mode={self.mode}, K={self.cfg.K}, S={self.chunk_size}, norm={self.norm}"
+            + (f", conv={self.conv.kernel_size}" if self.conv is not None else "")
         )
 
     # ----- state ---------------------------------------------------------------------------
@@ -218,30 +235,41 @@ class SKA(Mixer):
             if self.mode == "chunk"
             else None
         )
+        conv = self.conv.init_buffer(batch, device, dtype) if self.conv is not None else None
         return SKAState(
-            z(self.r, self.r), z(self.r, self.r), z(self.P, self.r), z(self.r), z(), pending
+            z(self.r, self.r), z(self.r, self.r), z(self.P, self.r), z(self.r), z(), pending, conv
         )
 
     def _per_head(self) -> int:
         return 2 * self.r * self.r + self.P * self.r
 
+    def _conv_size(self) -> int:
+        return 0 if self.conv is None else (self.conv.kernel_size - 1) * self.conv.channels
+
     def state_formula(self) -> str:
         r, P, H = self.r, self.P, self.H
+        conv = ""
+        if self.conv is not None:
+            k = self.conv.kernel_size
+            conv = f" + (k−1)·H·(2r+P) = {k - 1}·{H}·(2·{r}+{P}) (conv buffer)"
         if self.mode == "chunk":
             return (
                 f"H·(2(2r²+Pr)+r+1) = {H}·(2(2·{r}²+{P}·{r})+{r}+1) "
-                "(committed + pending G, M, C; previous key; position)"
+                f"(committed + pending G, M, C; previous key; position){conv}"
             )
         one = "m" if self.norm == "seqmax" else "position"
-        return f"H·(2r²+Pr+r+1) = {H}·(2·{r}²+{P}·{r}+{r}+1) (G, M, C; previous key; {one})"
+        return f"H·(2r²+Pr+r+1) = {H}·(2·{r}²+{P}·{r}+{r}+1) (G, M, C; previous key; {one}){conv}"
 
     def state_size(self, seq_len: int) -> int:
         per = self._per_head() * (2 if self.mode == "chunk" else 1) + self.r + 1
-        return self.H * per
+        return self.H * per + self._conv_size()
 
     def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """Statistics are kept in fp32 (fp64 for a float64 model) whatever the model dtype."""
-        return self.state_size(seq_len) * upcast(torch.empty(0, dtype=dtype)).element_size()
+        """Statistics are kept in fp32 (fp64 for a float64 model) whatever the model dtype;
+        the conv buffer in the model dtype."""
+        conv = self._conv_size()
+        stat_bytes = upcast(torch.empty(0, dtype=dtype)).element_size()
+        return (self.state_size(seq_len) - conv) * stat_bytes + conv * dtype.itemsize
 
     # ----- helpers -------------------------------------------------------------------------
     def gamma(self, like: torch.Tensor) -> torch.Tensor:
@@ -249,14 +277,20 @@ class SKA(Mixer):
             return torch.ones((), dtype=like.dtype, device=like.device)
         return self.gamma_raw.to(like.dtype).clamp(1.0, self.gamma_max)
 
-    def _project(self, x):
-        """z, q [..., H, r], v [..., H, P], β [..., H] (or None), all in projection dtype."""
+    def _project(self, x, conv_buf):
+        """z, q [..., H, r], v [..., H, P], β [..., H] (or None), all in projection dtype, and
+        the new conv buffer (None without a conv)."""
         shape = x.shape[:-1]
-        z = self.k_proj(x).view(*shape, self.H, self.r)
-        q = self.q_proj(x).view(*shape, self.H, self.r)
-        v = self.v_proj(x).view(*shape, self.H, self.P)
+        z, q, v = self.k_proj(x), self.q_proj(x), self.v_proj(x)
+        if self.conv is not None:
+            conv = self.conv.step if x.dim() == 2 else self.conv
+            zqv, conv_buf = conv(torch.cat([z, q, v], -1), conv_buf)
+            z, q, v = zqv.split([self.H * self.r, self.H * self.r, self.H * self.P], -1)
+        z = z.reshape(*shape, self.H, self.r)
+        q = q.reshape(*shape, self.H, self.r)
+        v = v.reshape(*shape, self.H, self.P)
         beta = torch.sigmoid(self.beta_proj(x)) if self.beta_proj is not None else None
-        return z, q, v, beta
+        return z, q, v, beta, conv_buf
 
     def _out(self, y, dtype):
         out = self.out_proj(y.to(dtype).flatten(-2))
@@ -297,7 +331,7 @@ class SKA(Mixer):
     def _inputs(self, x, state, mask):
         """Projections upcast into the statistics dtype; the write mask per head; the
         activation dtype ŷ is cast back to before the output projection (docs/ska.md §9)."""
-        z, q, v, beta = self._project(x)
+        z, q, v, beta, conv = self._project(x, state.conv)
         act, cdt = v.dtype, state.G.dtype  # activation dtype (bf16 under autocast), statistics
         z, q, v = z.to(cdt), q.to(cdt), v.to(cdt)
         beta = beta.to(cdt) if beta is not None else None
@@ -306,7 +340,7 @@ class SKA(Mixer):
             m = mask.to(cdt).unsqueeze(-1).expand(*mask.shape, self.H)
         elif self.mode in ("prefix", "masked"):  # no mask while decoding: read only
             m = torch.zeros(*x.shape[:-1], self.H, dtype=cdt, device=x.device)
-        return z, q, v, beta, m, mask, cdt, act
+        return z, q, v, beta, m, mask, cdt, act, conv
 
     def forward(self, x, state=None, mask=None):
         if self.mode in ("prefix", "masked") and mask is None and state is None:
@@ -330,7 +364,7 @@ class SKA(Mixer):
 
     # ----- parallel --------------------------------------------------------------------------
     def _forward(self, x, state, mask):
-        z, q, v, beta, m, raw_mask, cdt, out_dtype = self._inputs(x, state, mask)
+        z, q, v, beta, m, raw_mask, cdt, out_dtype, conv = self._inputs(x, state, mask)
         with fp32_island(x.device.type):
             zh, qh, state, m_new = self._normalize(z, q, raw_mask, state, cdt)
             xw, u, l, p = core.write_vectors(zh, v, beta, m, self.beta_mode)
@@ -392,11 +426,11 @@ class SKA(Mixer):
                 )
             scalar = m_new if m_new is not None else state.scalar + T
             self._record(info)
-        return self._out(y, out_dtype), SKAState(G, M, C, prev, scalar, pending)
+        return self._out(y, out_dtype), SKAState(G, M, C, prev, scalar, pending, conv)
 
     # ----- recurrent -------------------------------------------------------------------------
     def _step(self, x_t, state, mask):
-        z, q, v, beta, m, raw_mask, cdt, out_dtype = self._inputs(x_t, state, mask)  # [B, H, *]
+        z, q, v, beta, m, raw_mask, cdt, out_dtype, conv = self._inputs(x_t, state, mask)
         with fp32_island(x_t.device.type):
             zh, qh, state, m_new = self._normalize(z, q, raw_mask, state, cdt)
             xw, u, l, p = core.write_vectors(zh, v, beta, m, self.beta_mode)
@@ -423,4 +457,4 @@ class SKA(Mixer):
                 y, info = core.readout(G, M, C, qh.unsqueeze(-2), g, eta, self.cfg, self.fallbacks)
             scalar = m_new if m_new is not None else state.scalar + 1
             self._record(info)
-        return self._out(y.squeeze(-2), out_dtype), SKAState(G, M, C, p, scalar, pending)
+        return self._out(y.squeeze(-2), out_dtype), SKAState(G, M, C, p, scalar, pending, conv)

@@ -28,6 +28,7 @@ from kvfree.linalg import (
     JITTERS,
     FallbackCounter,
     factor_inverse,
+    l2norm,
     power_iteration_sigma,
     robust_factor,
 )
@@ -38,7 +39,7 @@ SEQMAX_FLOOR = 1e-6  # m = max(max_s ‖z_s‖, 1e-6)
 
 def l2_normalize(z: torch.Tensor) -> torch.Tensor:
     """Per-token ℓ2 normalisation of the last dim (the project default, causal)."""
-    return z * torch.rsqrt((z * z).sum(-1, keepdim=True) + L2_EPS)
+    return l2norm(z, L2_EPS)
 
 
 def write_vectors(

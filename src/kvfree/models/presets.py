@@ -44,11 +44,26 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """The :class:`ModelConfig` of preset ``name``, with keyword overrides."""
+    """The :class:`ModelConfig` of preset ``name``, with keyword overrides: a config field
+    (``vocab_size=…``) or ``<mixer>.<option>`` for the options of every layer of that mixer
+    (``**{"ska.K": 1}``; checked against the mixer when the model is built)."""
     table = _all()
     if name not in table:
         raise unknown_keys_error("preset", [name], table)
     cfg = table[name]()
-    if overrides:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-    return cfg
+    if not overrides:
+        return cfg
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        if "." not in key:
+            data[key] = value
+            continue
+        mixer, option = key.split(".", 1)
+        if mixer not in data["layers"]:
+            raise ValueError(
+                f"override {key!r}: preset {name!r} has no {mixer!r} layer "
+                f"(its layers: {', '.join(data['layers'])})"
+            )
+        data["mixer_options"] = {**data["mixer_options"]}
+        data["mixer_options"][mixer] = {**data["mixer_options"].get(mixer, {}), option: value}
+    return ModelConfig.from_dict(data)

@@ -39,14 +39,22 @@ def _capacity(folder: Path) -> str:
     return capacity_markdown(json.loads((folder / "capacity.json").read_text()))
 
 
+def _ridge_study(folder: Path) -> str:
+    from kvfree.bench.ridge_study import markdown
+
+    return markdown(json.loads((folder / "ridge_study.json").read_text()))
+
+
 #: README section -> (folder under results/, the file that must exist, markdown from the folder)
 SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     "main-job": ("demo", "results.jsonl", _recall),
     "zoology-cpu": ("zoology-cpu", "results.jsonl", _recall),
+    "zoology-cpu-attention": ("zoology-cpu-attention", "results.jsonl", _recall),
     "train-speed": ("train-speed", "train_speed.json", _train_speed),
     "kernels": ("kernels", "kernels.json", _kernels),
     "capacity": ("capacity", "capacity.json", _capacity),
     "fdm-mqar": ("fdm-mqar", "fdm_mqar.json", _fdm_mqar),
+    "ridge-study": ("ridge-study", "ridge_study.json", _ridge_study),
 }
 
 
