@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvfree.cli import bench_app, report_app
+from kvfree.commands.demo import MAIN_MODELS
 
 
 def _split(text: str | None) -> list[str]:
@@ -25,11 +26,10 @@ def _numbers(text: str | None, kind, name: str) -> list:
 def bench_recall(
     grid: str = typer.Option("cpu", help="Task grid: cpu | echo | zoology-based."),
     models: str = typer.Option(
-        "recall-attention,recall-mamba2,recall-gdn,recall-mamba2-ska,"
-        "recall-mamba2-ska-prefix,recall-fdm",
-        help="Comma-separated model presets; preset[key=value,…] overrides "
-        "a config field or a mixer option, e.g. recall-gdn[d_model=128], "
-        "recall-mamba2-ska[ska.K=1].",
+        ",".join(MAIN_MODELS),
+        help="Comma-separated model presets; preset\\[key=value,…] overrides "
+        "a config field or a mixer option, e.g. recall-gdn\\[d_model=128], "
+        "recall-mamba2-ska\\[ska.K=1].",
     ),
     seeds: str = typer.Option("0", help="Comma-separated model seeds (init and data order)."),
     lrs: str = typer.Option(
