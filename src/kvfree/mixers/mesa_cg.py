@@ -28,16 +28,8 @@ import torch
 def chunk_matvec(X, Hc, K, A, Gam, lam):
     """(H^kk_i + Λ) x_i for every token: X, K [..., C, d_k], Hc [..., d_k, d_k] (the state
     entering the chunk), A [..., C, C] (β_j Γ_i/Γ_j, lower-triangular), Gam [..., C], lam
-    broadcastable to X. Differentiable (the backward's implicit gradient goes through it)."""
+    broadcastable to X."""
     return Gam.unsqueeze(-1) * (X @ Hc) + (A * (X @ K.transpose(-1, -2))) @ K + lam * X
-
-
-def _matvec_into(X, Hc, Kt, K, A, Gam, lam):
-    """:func:`chunk_matvec` without autograd and with fewer temporaries (forward solves)."""
-    Y = torch.matmul(X, Hc).mul_(Gam.unsqueeze(-1))
-    S = torch.matmul(X, Kt).mul_(A)
-    Y.add_(torch.matmul(S, K))
-    return Y.addcmul_(lam, X)
 
 
 def _dot(U, V):
@@ -71,8 +63,7 @@ def cg_solve(matvec, B, *, tol: float, max_iters: int):
 class _CGSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, Hc, K, A, Gam, lam, tol, max_iters):
-        Kt = K.transpose(-1, -2)
-        mv = lambda X: _matvec_into(X, Hc, Kt, K, A, Gam, lam)  # noqa: E731
+        mv = lambda X: chunk_matvec(X, Hc, K, A, Gam, lam)  # noqa: E731
         X, _ = cg_solve(mv, Q, tol=tol, max_iters=max_iters)
         ctx.save_for_backward(X, Hc, K, A, Gam, lam)
         ctx.tol, ctx.max_iters = tol, max_iters
@@ -81,8 +72,7 @@ class _CGSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gX):
         X, Hc, K, A, Gam, lam = ctx.saved_tensors
-        Kt = K.transpose(-1, -2)
-        mv = lambda Y: _matvec_into(Y, Hc, Kt, K, A, Gam, lam)  # noqa: E731
+        mv = lambda Y: chunk_matvec(Y, Hc, K, A, Gam, lam)  # noqa: E731
         G, _ = cg_solve(mv, gX.contiguous(), tol=ctx.tol, max_iters=ctx.max_iters)
         inputs = [
             t.detach().requires_grad_(need)
