@@ -29,19 +29,21 @@ def ska_layers(model) -> list[SKA]:
 def _gram_stats(layer: SKA, x: torch.Tensor, mask, n_ctx: int, n_kv: int) -> dict:
     """cond(G̃), filler share and β per token kind from the layer input x [B, T, D]."""
     with torch.no_grad():
-        z, _, _, beta, _ = layer._project(x, layer.init_state(x.shape[0], dtype=x.dtype).conv)
+        z, _, _, beta, _ = layer._project(
+            x, layer.init_state(x.shape[0], device=x.device, dtype=x.dtype).conv
+        )
         z = z[:, :n_ctx].double()  # [B, T, H, r]
         if layer.norm == "l2":
             zh = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         else:  # seqmax: divided by the largest written key norm
             zh = z / z.norm(dim=-1).amax(1, keepdim=True).unsqueeze(-1).clamp_min(1e-12)
-        w = torch.ones(z.shape[:3], dtype=z.dtype)
+        w = torch.ones(z.shape[:3], dtype=z.dtype, device=z.device)
         if beta is not None:
             w = w * beta[:, :n_ctx].double()
         if mask is not None:
             w = w * mask[:, :n_ctx, None].double()
         G = torch.einsum("bth,bthi,bthj->bhij", w, zh, zh)
-        G = G + layer.cfg.eps * torch.eye(layer.r, dtype=G.dtype)
+        G = G + layer.cfg.eps * torch.eye(layer.r, dtype=G.dtype, device=G.device)
         ev = torch.linalg.eigvalsh(G)
         cond = (ev[..., -1] / ev[..., 0].clamp_min(1e-300)).median()
         mass = w * zh.pow(2).sum(-1)  # [B, T, H]
