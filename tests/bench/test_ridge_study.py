@@ -80,7 +80,7 @@ def test_study_runs_summarises_and_reports(tmp_path):
     chosen = rs.select(["recipe", "prefix"])
     g = rs.study_grid(chosen, steps=4, eval_every=2, n_val=4, n_test=4, eval_batch=4)
     run(g, [v.model for v in chosen], [0], tmp_path, workers=1, threads=1, progress=False)
-    res = rs.write(tmp_path, chosen, [0])
+    res = rs.write(tmp_path)
     rows = res["summary"]["rows"]
     assert [r["variant"] for r in rows] == ["recipe", "prefix"]
     for r in rows:

@@ -40,7 +40,7 @@ def bench_ridge_study(
     grid = rs.study_grid(chosen, **({"steps": steps} if steps else {}))
     models = list(dict.fromkeys(v.model for v in chosen))
     run(grid, models, seed_list, out, workers=workers, threads=1)
-    res = rs.write(out, chosen, seed_list)
+    res = rs.write(out)  # every variant with finished runs, every seed they have
     print(res["markdown"])
     print("wrote " + ", ".join(res["files"]))
 
