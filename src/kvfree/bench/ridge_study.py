@@ -7,8 +7,9 @@ Every variant is the main job's causal Mamba-2 + SKA recipe (``recall-mamba2-ska
 plus the paper-faithful rows (K = 2, the oracle prefix mask) and GDN + SKA. Each run's learning
 curve carries SKA's diagnostics (ska_probe.py: gradient norms reaching the key/query/β
 projections, cond(G̃), the filler share of the write mass). Results: the bench's own
-``results.jsonl`` / ``jobs/*.json`` and plots in the output folder, plus ``ridge_study.json``
-(compact) and ``ridge_study.md`` (one row per change).
+``results.jsonl`` / ``jobs/*.json`` and plots in the output folder (``results.jsonl`` holds the
+models of the last invocation only), plus ``ridge_study.json`` — every variant with finished
+runs, every seed, the record to commit — and ``ridge_study.md`` / ``.png`` from it.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ def summarise(out_dir: str | Path, variants: list[Variant]) -> dict:
                 "model": v.model,
                 "lr": v.lr,
                 "seeds": [j["job"]["seed"] for j in jobs],
+                "per_seed": [
+                    {"seed": j["job"]["seed"], "acc": r["test_acc"], "acc_all_cells": m}
+                    for j, r, m in zip(jobs, cell, mean_cells, strict=True)
+                ],
                 "acc": _stat(acc),
                 "acc_all_cells": _stat(mean_cells),
                 "examples_to_0.9": [r["examples_to_0.9"] for r in cell],
