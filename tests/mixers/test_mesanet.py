@@ -157,6 +157,10 @@ def test_cg_solver_equals_exact_values_and_gradients(strong):
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver must be 'exact' or 'cg'"):
         build_mixer("mesanet", 16, solver="lu")
+    with pytest.raises(ValueError, match="needs use_gates=True"):
+        build_mixer("mesanet", 16, use_gates=False, forget_bias_init=5.0)
+    m = build_mixer("mesanet", 16, forget_bias_init=5.0)
+    assert torch.all(m.a_proj.bias == 5.0)
 
 
 def test_core_gradients_match_naive_with_strong_decay():

@@ -66,3 +66,14 @@ def test_asym_config_exercises_the_clamp():
     with torch.no_grad():
         m(t.inputs(70))
     assert m.diagnostics["frac_clamped"] > 0.01
+
+
+def test_beta_bias_init_sets_the_gate_and_needs_it():
+    import pytest
+
+    m = build_mixer("ska", 16, num_heads=2, rank=4, beta_gate=True, beta_bias_init=-3.0)
+    assert torch.all(m.beta_proj.bias == -3.0)
+    with pytest.raises(ValueError, match="needs beta_gate=True"):
+        build_mixer("ska", 16, num_heads=2, rank=4, beta_bias_init=2.0)
+    with pytest.raises(ValueError, match="conv_size must be >= 0"):
+        build_mixer("ska", 16, num_heads=2, rank=4, conv_size=-1)

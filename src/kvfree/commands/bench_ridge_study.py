@@ -48,21 +48,20 @@ def bench_ridge_study(
 @report_app.command("ridge-study")
 def report_ridge_study(
     run_dir: str = typer.Argument("results/ridge-study", help="A ridge-study folder."),
+    readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("ridge-study", help="README section name."),
 ) -> None:
     """Regenerate ridge_study.md and ridge_study.png from RUN_DIR/ridge_study.json."""
-    import json
     from pathlib import Path
 
     from kvfree.bench import ridge_study as rs
+    from kvfree.commands.report_all import _from_json
     from kvfree.report.tables import atomic_write
 
-    path = Path(run_dir) / "ridge_study.json"
-    if not path.exists():
-        raise typer.BadParameter(
-            f"{path} not found: run `kvfree bench ridge-study --out {run_dir}`"
-        )
-    summary = json.loads(path.read_text())
-    md = rs.markdown(summary)
-    atomic_write(Path(run_dir) / "ridge_study.md", md + "\n")
-    rs.plot(summary, Path(run_dir) / "ridge_study.png")
-    print(md)
+    def render(summary: dict) -> str:
+        md = rs.markdown(summary)
+        atomic_write(Path(run_dir) / "ridge_study.md", md + "\n")
+        rs.plot(summary, Path(run_dir) / "ridge_study.png")
+        return md
+
+    _from_json(run_dir, "ridge_study.json", "ridge-study", render, section, readme)

@@ -241,6 +241,10 @@ class MesaNet(Mixer):
             raise ValueError(
                 f"chunk_size and conv_size must be >= 1, got {chunk_size}, {conv_size}"
             )
+        if forget_bias_init is not None and not use_gates:
+            raise ValueError(
+                "forget_bias_init sets the forget gate's bias: it needs use_gates=True"
+            )
         if solver not in ("exact", "cg"):
             raise ValueError(f"MesaNet solver must be 'exact' or 'cg', got {solver!r}")
         if cg_iters < 1 or not cg_tol > 0:

@@ -167,6 +167,8 @@ class SKA(Mixer):
         ):
             if val < 1:
                 raise ValueError(f"SKA {what} must be >= 1, got {val}")
+        if beta_bias_init != 0 and not beta_gate:
+            raise ValueError("beta_bias_init sets the β gate's bias: it needs beta_gate=True")
         if conv_size < 0:
             raise ValueError(f"SKA conv_size must be >= 0 (0 = no conv), got {conv_size}")
         if K < 0 or eps < 0:

@@ -30,10 +30,10 @@ another solver:
   a memory of a couple of tokens, so nothing written before a 32-token gap survives and the
   gradient that would open the gate vanishes as 0.5^gap — the model sat at chance).
 * **conjugate-gradient solves** (``solver="cg"``, mesa_cg.py, as fla's chunked kernel) instead
-  of per-token Cholesky factorisations, to a relative residual of 1e-4 (about 11 iterations;
-  fla runs a fixed 30): the same function to that tolerance, 5× faster per training step
-  than the exact form (``kvfree bench train-speed``); the exact solve stays the reference in the
-  tests and in the recurrent decoder.
+  of per-token Cholesky factorisations, to a relative residual of 1e-4 (about 11 iterations in
+  an ad hoc count; fla runs a fixed 30): the same function to that tolerance, 5× faster per
+  training step than the exact form (``kvfree bench train-speed``); the exact solve stays the
+  reference in the tests and in the recurrent decoder.
 
 ``recall-mamba2-ska-paper`` keeps the paper's causal chunk form (K = 2, no gate) as its own
 row. The oracle-mask row divides by the sequence max (seqmax) as the paper does for MQAR.
