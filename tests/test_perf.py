@@ -9,6 +9,8 @@ import torch
 from kvfree import perf
 from kvfree.blocks import CausalConv1d
 from kvfree.commands.demo import MAIN_MODELS
+from kvfree.fused import causal_conv
+from kvfree.mixers.fdm_cache import masked_read
 from kvfree.models import LanguageModel, preset
 from kvfree.train import TrainConfig, Trainer
 
@@ -61,6 +63,49 @@ def test_causal_conv_shifted_sum_equals_conv1d(k, bias):
     params = [x, buf, conv.weight] + ([conv.bias] if bias else [])
     ref, fast = _both(lambda: conv(x, buf)[0], *params)
     _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_fused_causal_conv_passes_gradcheck(silu):
+    """The hand-written backward against finite differences (float64): input, weight, bias."""
+    g = torch.Generator().manual_seed(0)
+    xx, w, b = (
+        torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+        for s in ((2, 8, 3), (3, 4), (3,))
+    )
+    assert torch.autograd.gradcheck(lambda *t: causal_conv(*t, silu=silu), (xx, w, b))
+    y = causal_conv(xx, w.detach(), None, silu=silu)  # only the input needs a gradient
+    (grad,) = torch.autograd.grad(y.sum(), xx)
+    assert grad.shape == xx.shape
+
+
+def test_split_equals_slices():
+    t = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    sizes = [4, 1, 4]
+
+    def run():
+        return torch.cat([p * (i + 1) for i, p in enumerate(perf.split(t, sizes))], -1)
+
+    ref, fast = _both(run, t)
+    _assert_same(ref, fast)
+    with perf.reference():
+        pieces = perf.split(t, sizes)
+    assert [p.shape[-1] for p in pieces] == sizes
+
+
+def test_masked_read_fused_attention_equals_masked_softmax():
+    """PyTorch's fused attention = the masked softmax read, including rows that see nothing
+    (zero output, no gradient into slot 0), float64, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    vis = torch.rand(2, 6, 6, generator=g) < 0.5
+    vis[:, 0] = False  # the first query sees nothing
+    vis[1, 3] = False
+    ref, fast = _both(lambda: masked_read(q, k, v, vis, 0.5), q, k, v)
+    _assert_same(ref, fast)
+    assert fast[0][:, 0].abs().max() == 0 and fast[0][1, 3].abs().max() == 0
 
 
 @pytest.mark.parametrize("name", MAIN_MODELS)

@@ -94,3 +94,17 @@ def unbind(t, dim: int) -> tuple:
     if _fast:
         return t.unbind(dim)
     return tuple(t.select(dim, i) for i in range(t.shape[dim]))
+
+
+def split(t, sizes: list[int], dim: int = -1) -> tuple:
+    """The pieces of ``t`` of widths ``sizes`` along ``dim`` (e.g. a fused projection's outputs).
+    Fast: one ``split``, whose backward concatenates the pieces' gradients; reference: a slice
+    per piece, whose backward writes each piece's gradient into a zero tensor of ``t``'s full
+    size and sums them (2.2× slower for a [32, 288, 260] projection in four pieces)."""
+    if _fast:
+        return t.split(sizes, dim)
+    out, start = [], 0
+    for n in sizes:
+        out.append(t.narrow(dim, start, n))
+        start += n
+    return tuple(out)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfree import perf
 from kvfree.blocks import CausalConv1d
 from kvfree.linalg import l2norm
 from kvfree.mixers.base import Mixer
@@ -90,7 +91,12 @@ class DeltaNet(Mixer):
         self.o_proj = nn.Linear(num_heads * dv, d_model, bias=False)
 
     def _in_dim(self) -> int:
-        return self.qkv_dim + self.H  # q, k, v, β logits
+        return sum(self._in_split())
+
+    def _in_split(self) -> list[int]:
+        """Widths of in_proj's outputs: q, k, v (conv input), β logits, then :meth:`_decay`'s
+        and :meth:`_gate`'s inputs (``rest``), taken apart by one :func:`kvfree.perf.split`."""
+        return [self.qkv_dim, self.H]
 
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
@@ -115,18 +121,18 @@ class DeltaNet(Mixer):
     # ----- shared pieces -------------------------------------------------------------------
     def _features(self, x, buf, step: bool):
         """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H], g or None, rest, buf.
-        q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests)."""
-        u = self.in_proj(x)
-        qkv, rest = u[..., : self.qkv_dim], u[..., self.qkv_dim :]
+        q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests); ``rest`` is the tuple
+        of the remaining in_proj outputs (:meth:`_in_split`)."""
+        qkv, b, *rest = perf.split(self.in_proj(x), self._in_split())
         qkv, buf = (self.conv.step if step else self.conv)(qkv, buf)
         cdt = compute_dtype(x)
         H, dk = self.H, self.dk
-        qkv = qkv.to(cdt)
         lead = qkv.shape[:-1]
-        q = l2norm(qkv[..., : H * dk].reshape(*lead, H, dk))
-        k = l2norm(qkv[..., H * dk : 2 * H * dk].reshape(*lead, H, dk))
-        v = qkv[..., 2 * H * dk :].reshape(*lead, H, self.dv)
-        beta = torch.sigmoid(rest[..., :H].to(cdt))
+        q, k, v = perf.split(qkv.to(cdt), [H * dk, H * dk, H * self.dv])
+        q = l2norm(q.reshape(*lead, H, dk))
+        k = l2norm(k.reshape(*lead, H, dk))
+        v = v.reshape(*lead, H, self.dv)
+        beta = torch.sigmoid(b.to(cdt))
         return q, k, v, beta, self._decay(rest, cdt), rest, buf
 
     def _decay(self, rest, cdt):

