@@ -175,3 +175,17 @@ def test_tune_allocator_is_off_in_reference_mode(monkeypatch):
         assert perf.tune_allocator() is False
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert perf.tune_allocator() is False  # the user's own setting wins
+
+
+def test_flush_denormals_zeroes_subnormals_only_in_fast_mode():
+    tiny = torch.tensor([1e-39, 1e-30], dtype=torch.float32)  # subnormal, normal
+    try:
+        with perf.reference():
+            assert perf.flush_denormals() is False
+            assert (tiny * 1.0)[0] > 0
+        if not perf.flush_denormals():
+            pytest.skip("this CPU cannot flush denormals")
+        out = tiny * 1.0
+        assert out[0] == 0 and out[1] == tiny[1]
+    finally:
+        torch.set_flush_denormal(False)

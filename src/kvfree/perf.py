@@ -12,6 +12,11 @@ Fast paths (on by default; the math is unchanged and the contract tests run on b
 - **causal conv** (:class:`kvfree.blocks.CausalConv1d`): the depthwise k = 4 convolution as k
   shifted multiply-adds instead of ``F.conv1d`` (mkldnn's depthwise backward took ~30 ms per call
   at [32, 192, 288], its forward needs two transposed copies).
+- **flush denormals** (:func:`flush_denormals`): values below fp32's normal range (|x| <
+  1.2e-38: decays exp(g) of long gaps, products of small gates) take a slow microcode path on
+  x86; as recall training went on, a Gated DeltaNet step slowed to half its speed at init and
+  FDM ran ~1.3× slower throughout. Training processes set flush-to-zero / denormals-are-zero
+  (``torch.set_flush_denormal``), which changes only such values, to zero.
 - **scored logits** (:meth:`kvfree.models.LanguageModel.forward` with ``select``): the training
   loss computes the final norm, the head and the log-softmax only at positions with a label; a
   recall batch scores M of up to 288 positions.
@@ -81,6 +86,16 @@ def tune_allocator() -> bool:
     return set_mmap_threshold(MAX_MMAP_THRESHOLD) and _mallopt(
         M_TRIM_THRESHOLD, TRAIN_TRIM_THRESHOLD
     )
+
+
+def flush_denormals() -> bool:
+    """Flush subnormal floats to zero in this process (see the module docstring); a no-op
+    that returns False in reference mode or where the CPU does not support it."""
+    if not _fast:
+        return False
+    import torch
+
+    return bool(torch.set_flush_denormal(True))
 
 
 # ----------------------------------------------------------------------------- chunk loops

@@ -139,11 +139,17 @@ def test_parse_model_and_errors(tmp_path):
 
 
 def test_main_job_presets_and_oracle_mask():
-    from kvfree.commands.demo import MAIN_MODELS, SLOWEST_FIRST
+    from kvfree.commands.demo import DEMO_MODELS, MAIN_MODELS, SLOWEST_FIRST, _models
     from kvfree.models import preset
     from kvfree.models.presets_recall import oracle_mask
 
     assert sorted(MAIN_MODELS) == sorted(SLOWEST_FIRST) and len(MAIN_MODELS) == 9
+    assert set(DEMO_MODELS) < set(MAIN_MODELS) and len(DEMO_MODELS) == 6
+    assert _models("main") == DEMO_MODELS and _models("all") == MAIN_MODELS
+    assert _models("recall-gdn, recall-gdn-ska[ska.K=2,ska.rank=8]") == [
+        "recall-gdn",
+        "recall-gdn-ska[ska.K=2,ska.rank=8]",
+    ]
     masks = {m: oracle_mask(preset(m)) for m in MAIN_MODELS}
     assert masks == {m: m == "recall-mamba2-ska-prefix" for m in MAIN_MODELS}
     g = grid("cpu")

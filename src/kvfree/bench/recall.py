@@ -252,6 +252,7 @@ def run_job(
     if threads:
         set_threads(threads)
     perf.tune_allocator()
+    perf.flush_denormals()
     device = torch.device(device) if device else default_device()
     probe = _cell_data(grid, job.eval_cells[0], "val", 1)
     model, mask = build_model(job.model, probe.vocab_size, job.seed)

@@ -48,6 +48,7 @@ def measure(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -
     torch.set_num_threads(threads)
     perf.set_fast(mode == "fast")
     tuned = perf.tune_allocator()
+    flushed = perf.flush_denormals()
     g = grid("cpu")
     model, mask = build_model(model_spec, 192, 0)
     if mode == "reference":
@@ -70,6 +71,7 @@ def measure(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -
         "steps_per_s": steps / wall,
         "cpu_s_per_step": cpu / steps,
         "allocator_tuned": tuned,
+        "flush_denormals": flushed,
         "chunks": {m.name: m.chunk_size for m in model.mixers() if hasattr(m, "chunk_size")},
         "params": model.num_parameters(),
     }

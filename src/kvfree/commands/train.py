@@ -69,6 +69,7 @@ def train(
     """
     from pathlib import Path
 
+    from kvfree import perf
     from kvfree.train import distributed as D
     from kvfree.train.lm import LMRunConfig, run_lm
     from kvfree.train.trainer import TrainingInterrupted
@@ -76,6 +77,7 @@ def train(
 
     D.init_from_env()
     set_threads(threads, workers=D.world_size())
+    perf.flush_denormals()  # perf.py: subnormal floats take a slow path on x86
     resume = from_ or resume
     if resume and not (out or preset or config):
         raise typer.BadParameter("--resume / --from continue a run folder: give it with --out RUN")
