@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kvfree.bench import decode as bd
 from kvfree.bench import decode_report as rep
 from kvfree.bench.decode_memory import CpuRssProbe
-from kvfree.bench.decode_worker import PointSpec, measure_point, prefill_last, storage_bytes
+from kvfree.bench.decode_worker import PointSpec, measure_point, storage_bytes
 from kvfree.mixers import available, build_mixer, get_mixer_class
 from kvfree.models import LanguageModel, ModelConfig
 from kvfree.state import state_bytes
@@ -64,23 +64,31 @@ def test_transformer_state_is_2_L_N_d_bytes(n):
     assert r["state_bytes_end"] == 2 * 2 * (n + 8) * D * 4
 
 
-def test_prefill_last_equals_model_prefill():
+@pytest.mark.parametrize("layers", [["attention", "shortconv"], ["gated_deltanet", "mamba2"]])
+def test_prefill_last_only_and_segments_equal_one_pass(layers):
+    """What the bench and generate use: last-position logits, the prompt in segments."""
     torch.manual_seed(0)
-    model = (
-        LanguageModel(ModelConfig(vocab_size=V, d_model=D, layers=["attention", "shortconv"]))
-        .double()
-        .eval()
-    )
+    model = LanguageModel(ModelConfig(vocab_size=V, d_model=D, layers=layers)).double().eval()
     ids = torch.randint(0, V, (2, 37))
-    full, ref_state = model.prefill(ids)
-    for chunk in (None, 16):
-        last, state = prefill_last(model, ids, chunk=chunk)
-        assert torch.allclose(last, full[:, -1], atol=1e-12, rtol=0)
+    full, ref_state = model.prefill(ids, segment=None)
+    for segment in ("auto", None, 16, 5):
+        seg_full, _ = model.prefill(ids, segment=segment)
+        assert torch.allclose(seg_full, full, atol=1e-10, rtol=0)
+        last, state = model.prefill(ids, last_only=True, segment=segment)
+        assert last.shape == (2, V)
+        assert torch.allclose(last, full[:, -1], atol=1e-10, rtol=0)
         assert state.pos == ref_state.pos == 37
         assert state_bytes(state) == state_bytes(ref_state)
         step_ref, _ = model.step(ids[:, 0], ref_state)
         step, _ = model.step(ids[:, 0], state)
-        assert torch.allclose(step, step_ref, atol=1e-12, rtol=0)
+        assert torch.allclose(step, step_ref, atol=1e-10, rtol=0)
+    fixed = layers[0] != "attention"
+    assert model.fixed_memory is fixed
+    assert model.prefill_segment(4096) == (512 if fixed else None)
+    assert model.prefill_segment(512) is None and model.prefill_segment(100, 16) == 16
+    for bad in (0, -3, 2.5, "whole", True):
+        with pytest.raises(ValueError, match="segment"):
+            model.prefill(ids, segment=bad)
 
 
 def test_storage_bytes_counts_what_views_keep_alive():

@@ -96,7 +96,9 @@ class DecodeBenchConfig:
     total_budget_s: float | None = None
     mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
     kv_prealloc: bool = True  # attention caches sized for N + decode steps up front
-    prefill_chunk: int | None = None  # prefill segment length (None: the whole prompt at once)
+    #: prefill segment length (None: the model's default — 512-token segments for fixed-memory
+    #: models, the whole prompt otherwise; 0: the whole prompt at once)
+    prefill_chunk: int | None = None
     #: after a point fails for memory with a whole-prompt prefill, retry it once with the
     #: prompt prefilled in segments of this many tokens (0: no retry); marked in the results
     retry_prefill_chunk: int = 4096
@@ -413,7 +415,8 @@ def run_grid(
                     threads=cfg.threads,
                     seed=cfg.seed,
                     overrides={**overrides, **kv},
-                    prefill_chunk=chunk if chunk and n > chunk else None,
+                    # an explicit chunk covering the prompt: one pass (0); none: the default
+                    prefill_chunk=chunk if chunk and n > chunk else (None if chunk is None else 0),
                 )
                 row, reason = _measure_with_retry(spec, cfg, max_rss, log)
                 failed = (n, reason) if reason else None

@@ -74,7 +74,8 @@ class PointSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: a full ModelConfig dict to use instead of the preset (``preset`` is then only a label)
     config: dict[str, Any] | None = None
-    #: prefill in segments of this many tokens, carrying the state (None: the whole prompt)
+    #: prefill in segments of this many tokens, carrying the state (None: the model's default,
+    #: ``LanguageModel.prefill_segment``; 0: the whole prompt at once)
     prefill_chunk: int | None = None
 
     def __post_init__(self):
@@ -84,8 +85,8 @@ class PointSpec:
                 f"got n={self.n}, batch={self.batch}, decode_steps="
                 f"{self.decode_steps}, warmup_steps={self.warmup_steps}"
             )
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 or None, got {self.prefill_chunk}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 or None, got {self.prefill_chunk}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -119,33 +120,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_last(
-    model: LanguageModel,
-    ids: torch.Tensor,
-    state: ModelState | None = None,
-    chunk: int | None = None,
-) -> tuple[torch.Tensor, ModelState]:
-    """``model.prefill(ids, state=state)`` with logits for the last position only: [B, V].
-
-    The full [B, N, V] logits a training forward returns are not needed to start decoding and
-    would dominate the prefill peak at large N (N × vocab floats); ``test_decode`` checks this
-    equals ``model.prefill``. With ``chunk``, the prompt goes through the parallel form in
-    segments of ``chunk`` tokens, each continuing from the state the previous one returned.
-    """
-    if chunk is not None and ids.shape[1] > chunk:
-        for s in range(0, ids.shape[1], chunk):
-            logits, state = prefill_last(model, ids[:, s : s + chunk], state)
-        return logits, state
-    with torch.no_grad():
-        pos = state.pos if state is not None else 0
-        model._check_ids(ids, pos)
-        x = model._embed(ids, pos)  # [B, T, D]
-        layer_states = state.layers if state is not None else [None] * len(model.blocks)
-        states = []
-        for block, s in zip(model.blocks, layer_states):
-            x, s = block(x, s, None)
-            states.append(s)
-        return model._logits(x[:, -1]), ModelState(states, pos + ids.shape[1])
+def segment_of(chunk: int | None) -> int | str | None:
+    """PointSpec.prefill_chunk -> ``LanguageModel.prefill``'s ``segment``."""
+    return "auto" if chunk is None else (chunk or None)
 
 
 def storage_bytes(state: Any) -> int:
@@ -216,7 +193,7 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
     with torch.inference_mode():
         # warm-up on a tiny prompt: loads kernels and allocator pools, then is freed
         warm_ids = torch.randint(0, V, (spec.batch, min(spec.n, 16)), generator=gen).to(device)
-        logits, st = prefill_last(model, warm_ids)
+        logits, st = model.prefill(warm_ids, last_only=True)
         phases.timing()
         ref_times: list[float] = []
         _decode(
@@ -237,7 +214,8 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         ids = torch.randint(0, V, (spec.batch, spec.n), generator=gen).to(device)
         sync(device)
         t0 = time.perf_counter()
-        logits, state = prefill_last(model, ids, chunk=spec.prefill_chunk)
+        segment = segment_of(spec.prefill_chunk)
+        logits, state = model.prefill(ids, last_only=True, segment=segment)
         sync(device)
         prefill_s = time.perf_counter() - t0
         prefill_peak = probe.peak() - base
@@ -294,7 +272,7 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         "layers_end": [
             {k: r[k] for k in ("layer", "analytic_bytes", "measured_bytes")} for r in layers_end
         ],
-        "prefill_chunk": spec.prefill_chunk,
+        "prefill_chunk": model.prefill_segment(spec.n, segment),  # None: one pass
         "prefill_s": prefill_s,
         "prefill_tok_s": spec.batch * spec.n / prefill_s,
         "prefill_peak_bytes": prefill_peak,

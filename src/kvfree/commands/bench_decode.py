@@ -57,7 +57,10 @@ def bench_decode(
         help="Preallocate attention KV caches for N + decode steps (else they grow x2 and copy).",
     ),
     prefill_chunk: int = typer.Option(
-        0, help="Prefill in segments of this many tokens (0: the whole prompt at once)."
+        None,
+        min=0,
+        help="Prefill in segments of this many tokens (default: the model's own, 512-token "
+        "segments for fixed-memory models and the whole prompt otherwise; 0: whole prompt).",
     ),
     retry_prefill_chunk: int = typer.Option(
         4096,
@@ -97,7 +100,7 @@ def bench_decode(
         threads=threads,
         isolate=isolate,
         kv_prealloc=kv_prealloc,
-        prefill_chunk=prefill_chunk or None,
+        prefill_chunk=prefill_chunk,
         retry_prefill_chunk=retry_prefill_chunk,
         point_timeout_s=point_timeout,
         max_memory_gb=max_memory_gb,

@@ -46,7 +46,7 @@ def generate(
     if ids.shape[1] == 0:
         raise typer.BadParameter("the prompt is empty; give at least one character")
     with torch.no_grad():
-        _, state = model.prefill(ids)
+        _, state = model.prefill(ids, last_only=True)
     after_prompt = state_bytes(state)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(ids, tokens, temperature=temperature, top_k=top_k or None, generator=g)

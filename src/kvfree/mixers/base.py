@@ -52,6 +52,10 @@ class Mixer(nn.Module):
     fixed_memory: ClassVar[bool] = True
     #: True when the mixer accepts a write mask (SKA prefix/masked modes).
     supports_mask: ClassVar[bool] = False
+    #: True when a prompt may run through the parallel form in segments, each continuing from
+    #: the state the previous one returned, with the result of one pass (the chunked-prefill
+    #: invariant); False for non-causal modes (SKA prefix/masked: one operator per sequence).
+    causal: ClassVar[bool] = True
     #: True when the mixer is a whole residual block (own norms, residuals, MLP), e.g. FDM's layer.
     is_block: ClassVar[bool] = False
 

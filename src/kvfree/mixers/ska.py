@@ -221,6 +221,10 @@ class SKA(Mixer):
         self.fallbacks = FallbackCounter()
         self.diagnostics: dict[str, torch.Tensor] = {}
 
+    @property
+    def causal(self) -> bool:  # prefix/masked: one operator per sequence (non-causal)
+        return self.mode in ("token", "chunk")
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, heads={self.H}, rank={self.r}, head_dim={self.P}, "

@@ -1,7 +1,8 @@
 """``LanguageModel``: embeddings → blocks → final norm → tied head, with exact decoding.
 
     logits, state = model(ids)                 # parallel forward, returns the decode state
-    logits, state = model.prefill(ids)         # same, without gradients
+    logits, state = model.prefill(ids)         # same, without gradients (in segments for
+                                               # fixed-memory models: bounded memory)
     logits_t, state = model.step(ids_t, state) # one token for every batch row
     out = model.generate(ids, max_new_tokens)  # prefill + step (constant memory for fixed mixers)
 
@@ -21,6 +22,11 @@ from kvfree.blocks import ResidualBlock, build_mlp, build_norm, ffn_width
 from kvfree.mixers import build_mixer, get_mixer_class
 from kvfree.models.config import ModelConfig
 from kvfree.state import State, state_bytes
+
+
+#: Tokens per parallel pass when ``prefill`` segments a prompt (fixed-memory models by default):
+#: the activation memory of a prefill stays that of a prompt this long, at any prompt length.
+PREFILL_SEGMENT = 512
 
 
 @dataclass
@@ -134,11 +140,71 @@ class LanguageModel(nn.Module):
             x = x[select]
         return self._logits(x), ModelState(new_states, pos + ids.shape[1])
 
+    @property
+    def fixed_memory(self) -> bool:
+        """True when every layer's decode state has a size independent of the length."""
+        return all(m.fixed_memory for m in self.mixers())
+
+    @property
+    def causal(self) -> bool:
+        """True when every layer may prefill a prompt in segments (``Mixer.causal``)."""
+        return all(m.causal for m in self.mixers())
+
+    def prefill_segment(self, length: int, segment: int | str | None = "auto") -> int | None:
+        """Tokens per parallel pass ``prefill`` uses for a ``length``-token prompt (None: the
+        whole prompt in one pass). ``"auto"``: :data:`PREFILL_SEGMENT` for a fixed-memory
+        causal model, the whole prompt for one whose state grows (its KV cache dominates
+        anyway) or that has a non-causal layer (SKA's oracle modes)."""
+        if segment == "auto":
+            segment = PREFILL_SEGMENT if self.fixed_memory and self.causal else None
+        elif segment is not None and (isinstance(segment, bool) or not isinstance(segment, int)):
+            raise ValueError(f"segment must be 'auto', None or a positive int, got {segment!r}")
+        if segment is not None and segment < 1:
+            raise ValueError(f"segment must be a positive number of tokens, got {segment}")
+        if segment is not None and not self.causal and length > segment:
+            raise ValueError(
+                "this model has a non-causal layer (SKA mode prefix/masked) that fits one operator "
+                "per sequence: prefill it in one pass (segment=None)"
+            )
+        return segment if segment is not None and length > segment else None
+
     @torch.no_grad()
     def prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor | None = None, state: ModelState | None = None
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        state: ModelState | None = None,
+        *,
+        last_only: bool = False,
+        segment: int | str | None = "auto",
     ) -> tuple[torch.Tensor, ModelState]:
-        return self.forward(ids, state, mask)
+        """The parallel forward over a prompt ``ids`` [B, T] without gradients → (logits, state).
+
+        ``last_only``: logits of the last position only, [B, V] (what decoding needs; the full
+        [B, T, V] of a long prompt is T × V floats). ``segment``: tokens per parallel pass, each
+        continuing from the state the previous one returned — exact for causal mixers, by the
+        chunked-prefill invariant (docs/design.md §1); ``"auto"`` segments fixed-memory causal
+        models (:meth:`prefill_segment`), ``None`` runs the whole prompt at once. An explicit
+        segment on a non-causal model is refused (its operator is fitted on the whole prompt).
+        """
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return self.forward(ids, state, mask)  # forward's own message
+        seg = self.prefill_segment(ids.shape[1], segment)
+        if seg is None:
+            return self._prefill_pass(ids, mask, state, last_only)
+        outs = []
+        for s in range(0, ids.shape[1], seg):
+            part = None if mask is None else mask[:, s : s + seg]
+            logits, state = self._prefill_pass(ids[:, s : s + seg], part, state, last_only)
+            outs.append(logits)
+        return (outs[-1] if last_only else torch.cat(outs, dim=1)), state
+
+    def _prefill_pass(self, ids, mask, state, last_only: bool):
+        if not last_only:
+            return self.forward(ids, state, mask)
+        last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        last[:, -1] = True
+        return self.forward(ids, state, mask, select=last)  # [B, V]: one position per row
 
     def step(
         self, ids_t: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None
@@ -172,8 +238,7 @@ class LanguageModel(nn.Module):
         Greedy when ``temperature == 0``. Returns [B, T + max_new_tokens]. The state used is
         left in ``self.last_state_bytes``.
         """
-        logits, state = self.prefill(ids, mask=mask)
-        nxt = logits[:, -1]
+        nxt, state = self.prefill(ids, mask=mask, last_only=True)
         out = [ids]
         for i in range(max_new_tokens):
             tok = sample(nxt, temperature, top_k, generator)
