@@ -189,3 +189,13 @@ def test_flush_denormals_zeroes_subnormals_only_in_fast_mode():
         assert out[0] == 0 and out[1] == tiny[1]
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_flushed_denormals_restores_the_mode():
+    """A library call (run_job, kvfree train in-process) leaves the process's mode as it was."""
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    torch.set_flush_denormal(False)
+    with perf.flushed_denormals() as on:
+        if on:
+            assert (tiny * 1.0)[0] == 0
+    assert (tiny * 1.0)[0] > 0

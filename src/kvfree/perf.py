@@ -98,6 +98,28 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def _flushing() -> bool:
+    import torch
+
+    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0)[0] == 0)
+
+
+@contextmanager
+def flushed_denormals() -> Iterator[bool]:
+    """:func:`flush_denormals` inside the block, the previous mode restored after it (a
+    library call must not change the process's floating-point mode: Hypothesis, for one,
+    refuses to run with flush-to-zero set)."""
+    before = _flushing()
+    on = flush_denormals()
+    try:
+        yield on
+    finally:
+        if on and not before:
+            import torch
+
+            torch.set_flush_denormal(False)
+
+
 # ----------------------------------------------------------------------------- chunk loops
 
 

@@ -20,6 +20,22 @@ class State:
     """Base class for mixer states (optional; any dataclass of tensors works)."""
 
 
+def carried_dtype(dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype recurrent states and statistics are carried in for a model in ``dtype``
+    (default: torch's default dtype): float64 stays float64, everything else — fp32, bf16,
+    fp16 — is fp32, as fla does, so a bf16 model does not run a recurrence over 64k steps in
+    bf16 (docs/design.md §3). Buffers of past inputs (conv windows, KV caches) keep the model
+    dtype."""
+    dtype = dtype or torch.get_default_dtype()
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mixed_nbytes(carried: int, buffered: int, dtype: torch.dtype) -> int:
+    """Bytes of a state with ``carried`` elements in :func:`carried_dtype` and ``buffered``
+    elements (conv windows, caches) in the model ``dtype``."""
+    return carried * carried_dtype(dtype).itemsize + buffered * dtype.itemsize
+
+
 def state_bytes(state: Any) -> int:
     """Bytes of the tensors carried between decode steps (weights excluded)."""
     if state is None:

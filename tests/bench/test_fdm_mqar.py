@@ -76,3 +76,24 @@ def test_unknown_model_or_setting():
         bench.run_one("mamba", "easy", 0, bench.Protocol(epochs=1))
     with pytest.raises(ValueError, match="unknown setting"):
         bench.run_one("fdm-k0", "extreme", 0, bench.Protocol(epochs=1))
+
+
+def test_finished_only_aggregates_without_training(tmp_path):
+    """The table of a sweep that is still running: finished runs in, the others listed."""
+    p = bench.Protocol(epochs=1, num_examples=150, batch_size=64)
+    kw = dict(settings=("easy",), protocol=p, device="cpu", progress=False)
+    bench.run(tmp_path, models=("transformer",), seeds=(0, 1), **kw)
+    part = bench.run(
+        tmp_path, models=("transformer", "fdm-k0"), seeds=(0, 1, 2), train_missing=False, **kw
+    )
+    assert sorted(r["seed"] for r in part["runs"]) == [0, 1]
+    assert part["missing"] == [
+        "transformer-easy-s2",
+        "fdm-k0-easy-s0",
+        "fdm-k0-easy-s1",
+        "fdm-k0-easy-s2",
+    ]
+    assert not (tmp_path / "runs" / "fdm-k0-easy-s0.json").exists()
+    row = part["summary"][0]
+    assert row["seeds"] == 2 and "–" in row["final_test"]  # mean (min–max) over the seeds
+    assert "Not finished yet (4 runs)" in part["markdown"]

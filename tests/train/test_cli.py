@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import kvfree.commands  # noqa: F401  (registers the commands)
@@ -101,14 +102,51 @@ def test_report_lm_table_and_readme_section(run, tmp_path):
     _, out = run
     readme = tmp_path / "README.md"
     readme.write_text("# x\n")
-    text = invoke("report", "lm", out, tmp_path / "missing", "--readme", readme)
+    record = tmp_path / "lm" / "lm.json"
+    text = invoke("report", "lm", out, tmp_path / "missing", "--readme", readme, "--json", record)
     assert "| model |" in text and "shortconv+linear_attention ×2" in text
     assert "<!-- BEGIN lm -->" in readme.read_text()
+    section = readme.read_text()
+    readme.write_text("# x\n")
+    again = invoke("report", "lm", record, "--readme", readme)  # from the committed record
+    assert readme.read_text() == section and "shortconv+linear_attention ×2" in again
 
 
 def test_data_info_on_a_text_file(run, tmp_path):
     tmp, _ = run
     readme = tmp_path / "README.md"
-    text = invoke("data", "info", tmp / "text.txt", "--tokenizer", "byte", "--readme", readme)
+    record = tmp_path / "corpus.json"
+    text = invoke(
+        "data",
+        "info",
+        tmp / "text.txt",
+        "--tokenizer",
+        "byte",
+        "--readme",
+        readme,
+        "--json",
+        record,
+    )
     assert "| train |" in text and "byte tokens" in text
     assert "| train |" in readme.read_text()
+    from kvfree.commands.data import corpus_markdown
+
+    assert corpus_markdown(json.loads(record.read_text())).strip() in readme.read_text()
+
+
+def test_export_hf_loads_with_auto_classes_and_generates_the_same(run, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    import kvfree.hf  # noqa: F401  (registers the Auto classes)
+    from kvfree.train.lm import load_model
+
+    _, out = run
+    text = invoke("export-hf", out, tmp_path / "hf")
+    assert "wrote" in text and "no tokenizer written" in text  # a byte-tokenizer run
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    model, tok, _ = load_model(out)
+    ids = torch.tensor([tok.encode("The quick")])
+    assert torch.equal(hf.generate(ids, max_new_tokens=8, do_sample=False), model.generate(ids, 8))
+    res = runner.invoke(app, ["export-hf", str(tmp_path / "nope"), str(tmp_path / "hf2")])
+    assert res.exit_code == 2 and "does not exist" in re.sub(r"[│╭╮╰╯─\s]+", " ", res.output)

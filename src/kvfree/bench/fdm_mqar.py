@@ -185,7 +185,10 @@ def _summary(rows: list[dict]) -> list[dict]:
 
         def stat(k, rs=rs):
             v = np.array([r[k] for r in rs])
-            return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            return float(v.mean()), float(v.min()), float(v.max())
+
+        def show(m, rs=rs):  # mean (min–max over seeds)
+            return f"{m[0]:.3f}" + (f" ({m[1]:.3f}–{m[2]:.3f})" if len(rs) > 1 else "")
 
         f, bv, mx = (
             stat("final_test_acc"),
@@ -198,9 +201,9 @@ def _summary(rows: list[dict]) -> list[dict]:
                 "setting": setting,
                 "seeds": len(rs),
                 "seed_list": ",".join(str(r["seed"]) for r in rs),
-                "final_test": f"{f[0]:.3f} ± {f[1]:.3f}",
-                "test_at_best_val": f"{bv[0]:.3f} ± {bv[1]:.3f}",
-                "max_over_epochs_repro": f"{mx[0]:.3f} ± {mx[1]:.3f}",
+                "final_test": show(f),
+                "test_at_best_val": show(bv),
+                "max_over_epochs_repro": show(mx),
                 "paper_max_over_epochs": PAPER.get((model_name, setting)),
                 "seconds_per_run": float(np.mean([r["seconds"] for r in rs])),
                 "final_mean": f[0],
@@ -220,11 +223,14 @@ def run(
     device=None,
     progress: bool = True,
     resume: bool = True,
+    train_missing: bool = True,
 ) -> dict:
-    """The whole sweep; results go to ``out_dir`` (JSON + markdown). Returns the summary."""
+    """The whole sweep; results go to ``out_dir`` (JSON + markdown). Returns the summary.
+    ``train_missing=False`` aggregates the runs already finished (same protocol) and lists
+    the others as missing, without training (a long sweep's table while it goes on)."""
     p = protocol or Protocol()
     out_dir = Path(out_dir)
-    rows, t0 = [], time.time()
+    rows, missing, t0 = [], [], time.time()
     for setting in settings:
         for model_name in models:
             for seed in seeds:
@@ -234,6 +240,9 @@ def run(
                     if rec.get("protocol") == asdict(p):
                         rows.append(rec)
                         continue
+                if not train_missing:
+                    missing.append(f"{model_name}-{setting}-s{seed}")
+                    continue
                 rec = run_one(model_name, setting, seed, p, device)
                 rec["protocol"] = asdict(p)
                 write_json(path, rec)
@@ -255,6 +264,7 @@ def run(
         "wall_seconds": time.time() - t0,
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+        "missing": missing,
     }
     write_json(out_dir / "fdm_mqar.json", result)
     md = fdm_mqar_markdown(result)
@@ -280,8 +290,16 @@ def fdm_mqar_markdown(result: dict) -> str:
         f"{p.data_seed}), first {p.test_frac:.0%} test, validation {p.val_frac:.0%} of the "
         f"rest; Adam LR {p.lr}, cosine over {p.epochs} epochs, batch {p.batch_size}, clip "
         f"{p.grad_clip}. Accuracy = mean per-example accuracy on the query positions, "
-        f"mean ± std over model seeds. `max_over_epochs_repro` selects on the test set "
+        f"mean (min–max) over model seeds. `max_over_epochs_repro` selects on the test set "
         f"(the paper's metric, reproduction only); the paper trained 100 epochs, one run. "
         f"{env['device']} ({env['device_name']}), {env['threads']} threads, torch "
-        f"{env['torch']}.\n\n" + markdown_table(summary, cols)
+        f"{env['torch']}.\n\n"
+        + markdown_table(summary, cols).rstrip()
+        + (
+            f"\n\nNot finished yet ({len(result['missing'])} runs): "
+            + ", ".join(result["missing"])
+            + "."
+            if result.get("missing")
+            else ""
+        )
     )

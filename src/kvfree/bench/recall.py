@@ -239,6 +239,21 @@ def run_job(
 
     Checkpoints go to ``jobs/<id>/checkpoints`` at every evaluation: an interrupted job resumes
     from there with the same learning curve (deleted when the job has finished)."""
+    from kvfree import perf
+
+    with perf.flushed_denormals():  # perf.py: subnormal floats take a slow path on x86
+        return _run_job(grid, job, out_dir, device=device, on_step=on_step, threads=threads)
+
+
+def _run_job(
+    grid: RecallGrid,
+    job: Job,
+    out_dir: Path,
+    *,
+    device=None,
+    on_step=None,
+    threads: int | None = None,
+) -> dict:
     import shutil
 
     import torch
@@ -252,7 +267,6 @@ def run_job(
     if threads:
         set_threads(threads)
     perf.tune_allocator()
-    perf.flush_denormals()
     device = torch.device(device) if device else default_device()
     probe = _cell_data(grid, job.eval_cells[0], "val", 1)
     model, mask = build_model(job.model, probe.vocab_size, job.seed)

@@ -11,6 +11,7 @@ from kvfree.commands import (  # noqa: F401
     data,
     demo,
     eval,
+    export_hf,
     generate,
     info,
     report_all,

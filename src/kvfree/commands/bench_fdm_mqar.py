@@ -30,6 +30,11 @@ def bench_fdm_mqar(
         None, min=1, help="Torch CPU threads (default: free physical cores)."
     ),
     resume: bool = typer.Option(True, help="Reuse finished runs found in OUT/runs."),
+    finished_only: bool = typer.Option(
+        False,
+        help="Train nothing: aggregate the runs in OUT/runs that have finished (same protocol) "
+        "and list the missing ones (the table of a sweep still running elsewhere).",
+    ),
     readme: str = typer.Option(
         None, help="Also write the table into this README (section 'fdm-mqar')."
     ),
@@ -53,7 +58,16 @@ def bench_fdm_mqar(
 
     set_threads(threads)
     p = Protocol(epochs=epochs, lr=lr, batch_size=batch_size, num_examples=num_examples)
-    res = run(out, _list(models), _list(settings), seed_list, p, device, resume=resume)
+    res = run(
+        out,
+        _list(models),
+        _list(settings),
+        seed_list,
+        p,
+        device,
+        resume=resume or finished_only,
+        train_missing=not finished_only,
+    )
     print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md ({res['wall_seconds']:.0f} s)")
     if readme:
         from kvfree.report.tables import update_readme_section

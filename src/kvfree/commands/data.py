@@ -66,20 +66,29 @@ def build(
     print(f"corpus in {root}")
 
 
+def corpus_markdown(info: dict) -> str:
+    """The README 'corpus' tables from ``kvfree data info --json``'s record."""
+    from kvfree.report.tables import markdown_table
+
+    text = ""
+    if info["manifest"].get("sources"):
+        text = markdown_table(corpus_rows(info["manifest"])) + "\n"
+    return text + markdown_table(info["splits"])
+
+
 @data_app.command("info")
 def info(
     corpus: str = typer.Argument("en", help="Corpus name, text file/folder or hf:NAME."),
     tokenizer: str = typer.Option(None, help="Also count tokens: byte | bpe:N | cl100k."),
+    json_out: str = typer.Option(
+        None, "--json", help="Also write the record the tables come from (results/corpus/)."
+    ),
     readme: str = typer.Option(None, help="Also write the tables into README section 'corpus'."),
 ) -> None:
     """Sources, licences and split sizes of a corpus (and token counts with --tokenizer)."""
     from kvfree.data.loaders import load_corpus
-    from kvfree.report.tables import markdown_table
 
     c = load_corpus(corpus)
-    text = ""
-    if c.manifest.get("sources"):
-        text = markdown_table(corpus_rows(c.manifest)) + "\n"
     rows = []
     tok = None
     if tokenizer:
@@ -93,9 +102,15 @@ def info(
             n = len(encoded_split(c, split, tok))
             row.update({f"{tok.name} tokens": n, "bytes/token": row["UTF-8 bytes"] / max(1, n)})
         rows.append(row)
-    text += markdown_table(rows)
+    record = {"corpus": c.name, "tokenizer": tokenizer, "manifest": c.manifest, "splits": rows}
+    text = corpus_markdown(record)
     print(text)
     print(f"corpus {c.name}" + (f" in {c.path}" if c.path else ""))
+    if json_out:
+        from kvfree.report.tables import write_json
+
+        write_json(json_out, record)
+        print(f"wrote {json_out}")
     if readme:
         from kvfree.report.tables import update_readme_section
 

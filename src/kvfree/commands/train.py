@@ -77,7 +77,6 @@ def train(
 
     D.init_from_env()
     set_threads(threads, workers=D.world_size())
-    perf.flush_denormals()  # perf.py: subnormal floats take a slow path on x86
     resume = from_ or resume
     if resume and not (out or preset or config):
         raise typer.BadParameter("--resume / --from continue a run folder: give it with --out RUN")
@@ -106,7 +105,8 @@ def train(
         raise typer.BadParameter("give --preset NAME or --config FILE with a model section")
     out = out or f"runs/lm-{run_cfg.preset or 'custom'}"
     try:
-        summary = run_lm(run_cfg, out, resume=resume)
+        with perf.flushed_denormals():  # perf.py: subnormal floats take a slow path on x86
+            summary = run_lm(run_cfg, out, resume=resume)
     except TrainingInterrupted as e:
         if D.is_main():
             import shlex

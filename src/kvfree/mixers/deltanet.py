@@ -29,18 +29,13 @@ from kvfree.blocks import CausalConv1d
 from kvfree.linalg import l2norm
 from kvfree.mixers.base import Mixer
 from kvfree.mixers.delta_rule import delta_rule_chunked, delta_rule_step
-from kvfree.state import State
+from kvfree.state import State, carried_dtype, mixed_nbytes
 
 
 @dataclass
 class DeltaNetState(State):
     S: torch.Tensor  # [B, H, d_k, d_v]
     conv: torch.Tensor  # [B, conv_size - 1, H·(2·d_k + d_v)]
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp64 stays fp64 (tests); everything else is computed in fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class DeltaNet(Mixer):
@@ -100,8 +95,12 @@ class DeltaNet(Mixer):
 
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
-        S = torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=dtype)
+        S = torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=carried_dtype(dtype))
         return DeltaNetState(S, self.conv.init_buffer(batch, device, dtype))
+
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """S in fp32 (fp64 for a float64 model), the conv buffer in the model dtype."""
+        return mixed_nbytes(self.H * self.dk * self.dv, (self.conv_size - 1) * self.qkv_dim, dtype)
 
     def state_formula(self) -> str:
         return (
@@ -125,7 +124,7 @@ class DeltaNet(Mixer):
         of the remaining in_proj outputs (:meth:`_in_split`)."""
         qkv, b, *rest = perf.split(self.in_proj(x), self._in_split())
         qkv, buf = (self.conv.step if step else self.conv)(qkv, buf)
-        cdt = compute_dtype(x)
+        cdt = carried_dtype(x.dtype)
         H, dk = self.H, self.dk
         lead = qkv.shape[:-1]
         q, k, v = perf.split(qkv.to(cdt), [H * dk, H * dk, H * self.dv])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvfree.mixers.base import Mixer
-from kvfree.state import State
+from kvfree.state import State, carried_dtype, mixed_nbytes
 from kvfree.utils import unknown_keys_error
 
 _EPS = 1e-6
@@ -79,6 +79,7 @@ class LinearAttention(Mixer):
 
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
+        dtype = carried_dtype(dtype)
         S = torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=dtype)
         z = (
             torch.zeros(batch, self.H, self.dk, device=device, dtype=dtype)
@@ -95,15 +96,20 @@ class LinearAttention(Mixer):
     def state_size(self, seq_len: int) -> int:
         return self.H * self.dk * (self.dv + (1 if self.normalize else 0))
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """S (and z) in fp32, or fp64 for a float64 model."""
+        return mixed_nbytes(self.state_size(seq_len), 0, dtype)
+
     # ----- projections -------------------------------------------------------------------
     def _qkv(self, x):
         shape = (*x.shape[:-1], self.H, -1)
-        q = feature_map(self.fmap, self.q_proj(x).view(shape))
-        k = feature_map(self.fmap, self.k_proj(x).view(shape))
-        return q, k, self.v_proj(x).view(shape)
+        cdt = carried_dtype(x.dtype)  # the state's dtype: fp32 in a bf16 model
+        q = feature_map(self.fmap, self.q_proj(x).view(shape).to(cdt))
+        k = feature_map(self.fmap, self.k_proj(x).view(shape).to(cdt))
+        return q, k, self.v_proj(x).view(shape).to(cdt)
 
     def _out(self, o):
-        return self.o_proj(o.reshape(*o.shape[:-2], self.H * self.dv))
+        return self.o_proj(o.reshape(*o.shape[:-2], self.H * self.dv).to(self.o_proj.weight.dtype))
 
     # ----- parallel (chunked) --------------------------------------------------------------
     def _forward(self, x, state, mask):

@@ -37,7 +37,7 @@ from kvfree import perf
 from kvfree.blocks import CausalConv1d
 from kvfree.linalg import segsum
 from kvfree.mixers.base import Mixer
-from kvfree.state import State
+from kvfree.state import State, carried_dtype, mixed_nbytes
 
 
 @dataclass
@@ -86,10 +86,6 @@ def ssd_chunked(X, dA, B, C, h0, chunk_size: int):
     # 4. off-diagonal term
     Y = Y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, H_prev, ell.exp())
     return Y.reshape(b, n * l, H, P)[:, :T], h
-
-
-def _cdt(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Mamba2(Mixer):
@@ -149,8 +145,12 @@ class Mamba2(Mixer):
 
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
-        ssm = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=carried_dtype(dtype))
         return Mamba2State(ssm, self.conv.init_buffer(batch, device, dtype))
+
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """h in fp32 (fp64 for a float64 model), the conv buffer in the model dtype."""
+        return mixed_nbytes(self.H * self.P * self.N, self.conv_dim * (self.d_conv - 1), dtype)
 
     def state_formula(self) -> str:
         return (
@@ -196,7 +196,7 @@ class Mamba2(Mixer):
     def _forward(self, x_in, state, mask):
         z, xBC, dt = self._project(x_in)
         xBC, buf = self.conv(xBC, state.conv)
-        cdt = _cdt(x_in)
+        cdt = carried_dtype(x_in.dtype)
         with torch.autocast(x_in.device.type, enabled=False):
             z, x, B, C, delta = self._split(z, xBC, dt, cdt)
             A = -self.A_log.to(cdt).exp()
@@ -210,7 +210,7 @@ class Mamba2(Mixer):
     def _step(self, x_t, state, mask):
         z, xBC, dt = self._project(x_t)
         xBC, buf = self.conv.step(xBC, state.conv)
-        cdt = _cdt(x_t)
+        cdt = carried_dtype(x_t.dtype)
         with torch.autocast(x_t.device.type, enabled=False):
             z, x, B, C, delta = self._split(z, xBC, dt, cdt)  # x [b, H, P], B, C [b, H, N]
             a = (-self.A_log.to(cdt).exp() * delta).exp()  # [b, H]

@@ -52,7 +52,7 @@ from kvfree.blocks import CausalConv1d
 from kvfree.linalg import FallbackCounter, fp32_island, l2norm, segsum, spd_solve, upcast
 from kvfree.mixers.base import Mixer
 from kvfree.mixers.mesa_cg import cg_chunk_solve
-from kvfree.state import State
+from kvfree.state import State, carried_dtype, mixed_nbytes
 
 _L2_EPS = 1e-6
 
@@ -63,10 +63,6 @@ class MesaNetState(State):
     H_kv: torch.Tensor  # [B, H, d_k, d_v]
     q_conv: torch.Tensor  # [B, k-1, H·d_k]  short-conv history of W_q x
     k_conv: torch.Tensor  # [B, k-1, H·d_k]
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_core(q, k, v, beta, gate, lam) -> None:
@@ -118,7 +114,7 @@ def mesa_core(
     _check_core(q, k, v, beta, gate, lam)
     B, T, H, dk = q.shape
     dv, out_dtype = v.shape[-1], v.dtype
-    cd = _compute_dtype(q)
+    cd = carried_dtype(q.dtype)
     with fp32_island(q.device.type):
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
         if log_gamma is not None:
@@ -177,7 +173,7 @@ def mesa_step(
     Returns ``(o [B, H, d_v], (H_kk, H_kv))``."""
     B, H, dk = q.shape
     dv, out_dtype = v.shape[-1], v.dtype
-    cd = _compute_dtype(q)
+    cd = carried_dtype(q.dtype)
     with fp32_island(q.device.type):
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
         if state is None:
@@ -284,12 +280,18 @@ class MesaNet(Mixer):
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
         z = dict(device=device, dtype=dtype)
+        st = dict(device=device, dtype=carried_dtype(dtype))
         return MesaNetState(
-            torch.zeros(batch, self.H, self.dk, self.dk, **z),
-            torch.zeros(batch, self.H, self.dk, self.dv, **z),
+            torch.zeros(batch, self.H, self.dk, self.dk, **st),
+            torch.zeros(batch, self.H, self.dk, self.dv, **st),
             self.q_conv.init_buffer(batch, **z),
             self.k_conv.init_buffer(batch, **z),
         )
+
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """H_kk, H_kv in fp32 (fp64 for a float64 model), the conv buffers in the model dtype."""
+        carried = self.H * (self.dk * self.dk + self.dk * self.dv)
+        return mixed_nbytes(carried, 2 * (self.conv_size - 1) * self.H * self.dk, dtype)
 
     def state_formula(self) -> str:
         return (

@@ -23,7 +23,6 @@ from kvfree.mixers import build_mixer, get_mixer_class
 from kvfree.models.config import ModelConfig
 from kvfree.state import State, state_bytes
 
-
 #: Tokens per parallel pass when ``prefill`` segments a prompt (fixed-memory models by default):
 #: the activation memory of a prefill stays that of a prompt this long, at any prompt length.
 PREFILL_SEGMENT = 512

@@ -45,6 +45,26 @@ def _ridge_study(folder: Path) -> str:
     return markdown(json.loads((folder / "ridge_study.json").read_text()))
 
 
+def _corpus(folder: Path) -> str:
+    from kvfree.commands.data import corpus_markdown
+
+    return corpus_markdown(json.loads((folder / "corpus.json").read_text()))
+
+
+def _lm(folder: Path) -> str:
+    from kvfree.commands.report_lm import lm_markdown
+
+    return lm_markdown(json.loads((folder / "lm.json").read_text()))
+
+
+def _decode(folder: Path) -> str:
+    """Every ``*/decode.json`` under the folder (``cpu`` first), as one section."""
+    from kvfree.bench.decode_report import load_result, readme_section
+
+    files = sorted(folder.glob("*/decode.json"), key=lambda p: (p.parent.name != "cpu", str(p)))
+    return readme_section([load_result(p) for p in files])
+
+
 #: README section -> (folder under results/, the file that must exist, markdown from the folder)
 SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     "main-job": ("demo", "results.jsonl", _recall),
@@ -55,6 +75,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     "capacity": ("capacity", "capacity.json", _capacity),
     "fdm-mqar": ("fdm-mqar", "fdm_mqar.json", _fdm_mqar),
     "ridge-study": ("ridge-study", "ridge_study.json", _ridge_study),
+    "corpus": ("corpus", "corpus.json", _corpus),
+    "lm": ("lm", "lm.json", _lm),
+    "decode": ("decode", "cpu/decode.json", _decode),
 }
 
 

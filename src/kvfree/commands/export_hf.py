@@ -1,0 +1,45 @@
+"""``kvfree export-hf``: a kvfree checkpoint as a Hugging Face model folder (kvfree.hf)."""
+
+from __future__ import annotations
+
+import typer
+
+from kvfree.cli import app
+
+
+@app.command("export-hf")
+def export_hf(
+    run: str = typer.Argument(..., help="Run folder or checkpoint file."),
+    out: str = typer.Argument(..., help="Folder to write (config.json, model.safetensors)."),
+    checkpoint: str = typer.Option("last", help="last | best (inside a run folder)."),
+) -> None:
+    """Write config.json + model.safetensors (and, for a BPE run, the tokenizer) that
+    ``AutoModelForCausalLM.from_pretrained`` loads once ``kvfree.hf`` is imported."""
+    from pathlib import Path
+
+    from kvfree.train.lm import load_model
+
+    if checkpoint not in ("last", "best"):
+        raise typer.BadParameter(f"--checkpoint {checkpoint!r}: use last or best")
+    try:
+        from kvfree.hf import KvfreeForCausalLM
+    except ImportError as e:
+        raise typer.BadParameter(str(e)) from None
+    path = Path(run)
+    if not path.exists():
+        raise typer.BadParameter(f"{run} does not exist: give a run folder or a checkpoint file")
+    model, tok, _ = load_model(path / "checkpoints" / f"{checkpoint}.pt" if path.is_dir() else path)
+    hf = KvfreeForCausalLM.from_kvfree(model)
+    hf.save_pretrained(out)
+    note = "no tokenizer written (kvfree's own: kvfree.data.tokenizer.from_spec)"
+    if getattr(tok, "tok", None) is not None:  # BPE from the tokenizers library
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_object=tok.tok).save_pretrained(out)
+        note = f"tokenizer {tok.name} (tokenizer.json)"
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    print(f"wrote {out}: {model.num_parameters():,} parameters, {size:,} bytes, {note}")
+    print(
+        f"load it with: import kvfree.hf; from transformers import AutoModelForCausalLM; "
+        f"AutoModelForCausalLM.from_pretrained({out!r})"
+    )
