@@ -28,6 +28,7 @@ selects the reference paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +119,17 @@ def flushed_denormals() -> Iterator[bool]:
             import torch
 
             torch.set_flush_denormal(False)
+
+
+def with_flushed_denormals(fn):
+    """Decorator: ``fn`` runs inside :func:`flushed_denormals`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with flushed_denormals():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- chunk loops

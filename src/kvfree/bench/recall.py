@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvfree import perf
 from kvfree.bench.recall_grid import RecallGrid, cell_key
 from kvfree.tasks import TaskData, derive_seed, example_accuracy, make
 
@@ -225,6 +226,7 @@ def model_fingerprint(model_spec: str, vocab_size: int) -> str:
     ).hexdigest()
 
 
+@perf.with_flushed_denormals  # perf.py: subnormal floats take a slow path on x86
 def run_job(
     grid: RecallGrid,
     job: Job,
@@ -239,26 +241,10 @@ def run_job(
 
     Checkpoints go to ``jobs/<id>/checkpoints`` at every evaluation: an interrupted job resumes
     from there with the same learning curve (deleted when the job has finished)."""
-    from kvfree import perf
-
-    with perf.flushed_denormals():  # perf.py: subnormal floats take a slow path on x86
-        return _run_job(grid, job, out_dir, device=device, on_step=on_step, threads=threads)
-
-
-def _run_job(
-    grid: RecallGrid,
-    job: Job,
-    out_dir: Path,
-    *,
-    device=None,
-    on_step=None,
-    threads: int | None = None,
-) -> dict:
     import shutil
 
     import torch
 
-    from kvfree import perf
     from kvfree.bench.recall_convergence import THRESHOLDS, Convergence
     from kvfree.report.tables import atomic_write, write_json
     from kvfree.train import TrainConfig, Trainer

@@ -62,7 +62,12 @@ def _decode(folder: Path) -> str:
     from kvfree.bench.decode_report import load_result, readme_section
 
     files = sorted(folder.glob("*/decode.json"), key=lambda p: (p.parent.name != "cpu", str(p)))
-    return readme_section([load_result(p) for p in files])
+    results = []
+    for p in files:
+        res = load_result(p)  # named as in the repository, wherever the folder was copied
+        res["source"] = f"results/{p.relative_to(folder.parent).as_posix()}"
+        results.append(res)
+    return readme_section(results)
 
 
 #: README section -> (folder under results/, the file that must exist, markdown from the folder)
