@@ -90,3 +90,14 @@ def test_labels_give_the_next_token_loss():
     logits, _ = model(ids)
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, ref)
+
+
+def test_generate_prefills_the_last_logits_only():
+    """generate asks for logits_to_keep=1: the prompt's [B, T, V] logits are never built."""
+    model, hf = _pair("fixed")
+    ids = torch.randint(1, V, (2, 9))
+    with torch.no_grad():
+        last = hf(ids, logits_to_keep=1).logits
+        full = hf(ids).logits
+    assert last.shape == (2, 1, V) and full.shape == (2, 9, V)
+    torch.testing.assert_close(last[:, 0], full[:, -1])

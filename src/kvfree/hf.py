@@ -153,10 +153,12 @@ class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         inputs_embeds=None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> KvfreeOutput:
         """Continue from the cache (``cache`` / ``past_key_values``) over ``input_ids``: one
-        token → ``step``; several → the parallel form (a prefill without labels)."""
+        token → ``step``; several → the parallel form (a prefill without labels; with
+        ``logits_to_keep=1``, what generate asks for, the last position's logits only)."""
         if inputs_embeds is not None:
             raise ValueError("kvfree models take input_ids, not inputs_embeds")
         _reject_padding(attention_mask)
@@ -166,7 +168,9 @@ class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
             logits, state = self.model.step(input_ids[:, 0], state)
             logits = logits[:, None]
         elif labels is None and not torch.is_grad_enabled():
-            logits, state = self.model.prefill(input_ids, state=state)
+            last = logits_to_keep == 1
+            logits, state = self.model.prefill(input_ids, state=state, last_only=last)
+            logits = logits[:, None] if last else logits
         else:
             logits, state = self.model(input_ids, state)
         loss = None
