@@ -150,3 +150,8 @@ def test_export_hf_loads_with_auto_classes_and_generates_the_same(run, tmp_path)
     assert torch.equal(hf.generate(ids, max_new_tokens=8, do_sample=False), model.generate(ids, 8))
     res = runner.invoke(app, ["export-hf", str(tmp_path / "nope"), str(tmp_path / "hf2")])
     assert res.exit_code == 2 and "does not exist" in re.sub(r"[│╭╮╰╯─\s]+", " ", res.output)
+    before = (tmp_path / "hf" / "config.json").read_text()
+    res = runner.invoke(app, ["export-hf", str(out), str(tmp_path / "hf")])  # not empty
+    assert res.exit_code == 2 and "already holds files" in re.sub(r"[│╭╮╰╯─\s]+", " ", res.output)
+    assert (tmp_path / "hf" / "config.json").read_text() == before
+    invoke("export-hf", out, tmp_path / "hf", "--force")

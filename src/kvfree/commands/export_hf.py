@@ -12,6 +12,7 @@ def export_hf(
     run: str = typer.Argument(..., help="Run folder or checkpoint file."),
     out: str = typer.Argument(..., help="Folder to write (config.json, model.safetensors)."),
     checkpoint: str = typer.Option("last", help="last | best (inside a run folder)."),
+    force: bool = typer.Option(False, help="Write into OUT even if it already holds files."),
 ) -> None:
     """Write config.json + model.safetensors (and, for a BPE run, the tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads once ``kvfree.hf`` is imported."""
@@ -28,6 +29,8 @@ def export_hf(
     path = Path(run)
     if not path.exists():
         raise typer.BadParameter(f"{run} does not exist: give a run folder or a checkpoint file")
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise typer.BadParameter(f"{out} already holds files: pick an empty folder or pass --force")
     model, tok, _ = load_model(path / "checkpoints" / f"{checkpoint}.pt" if path.is_dir() else path)
     hf = KvfreeForCausalLM.from_kvfree(model)
     hf.save_pretrained(out)

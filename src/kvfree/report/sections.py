@@ -15,46 +15,18 @@ def _recall(folder: Path) -> str:
     return report(folder, plots=False)["markdown"]
 
 
-def _train_speed(folder: Path) -> str:
-    from kvfree.bench.train_speed import render
+def _json(target: str, file: str) -> Callable[[Path], str]:
+    """Markdown from one JSON result file: ``target`` = "module:function" taking the loaded
+    record (imported only when the section is regenerated)."""
 
-    return render(json.loads((folder / "train_speed.json").read_text()))
+    def make(folder: Path) -> str:
+        import importlib
 
+        module, func = target.split(":")
+        render = getattr(importlib.import_module(module), func)
+        return render(json.loads((folder / file).read_text()))
 
-def _kernels(folder: Path) -> str:
-    from kvfree.bench.kernels import kernels_markdown
-
-    return kernels_markdown(json.loads((folder / "kernels.json").read_text()))
-
-
-def _fdm_mqar(folder: Path) -> str:
-    from kvfree.bench.fdm_mqar import fdm_mqar_markdown
-
-    return fdm_mqar_markdown(json.loads((folder / "fdm_mqar.json").read_text()))
-
-
-def _capacity(folder: Path) -> str:
-    from kvfree.bench.capacity import capacity_markdown
-
-    return capacity_markdown(json.loads((folder / "capacity.json").read_text()))
-
-
-def _ridge_study(folder: Path) -> str:
-    from kvfree.bench.ridge_study import markdown
-
-    return markdown(json.loads((folder / "ridge_study.json").read_text()))
-
-
-def _corpus(folder: Path) -> str:
-    from kvfree.commands.data import corpus_markdown
-
-    return corpus_markdown(json.loads((folder / "corpus.json").read_text()))
-
-
-def _lm(folder: Path) -> str:
-    from kvfree.commands.report_lm import lm_markdown
-
-    return lm_markdown(json.loads((folder / "lm.json").read_text()))
+    return make
 
 
 def _decode(folder: Path) -> str:
@@ -70,19 +42,24 @@ def _decode(folder: Path) -> str:
     return readme_section(results)
 
 
-#: README section -> (folder under results/, the file that must exist, markdown from the folder)
-SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
+#: README section -> (folder under results/, the file that must exist, markdown from the folder:
+#: a function of the folder, or "module:function" of that file's JSON record)
+_TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "main-job": ("demo", "results.jsonl", _recall),
     "zoology-cpu": ("zoology-cpu", "results.jsonl", _recall),
     "zoology-cpu-attention": ("zoology-cpu-attention", "results.jsonl", _recall),
-    "train-speed": ("train-speed", "train_speed.json", _train_speed),
-    "kernels": ("kernels", "kernels.json", _kernels),
-    "capacity": ("capacity", "capacity.json", _capacity),
-    "fdm-mqar": ("fdm-mqar", "fdm_mqar.json", _fdm_mqar),
-    "ridge-study": ("ridge-study", "ridge_study.json", _ridge_study),
-    "corpus": ("corpus", "corpus.json", _corpus),
-    "lm": ("lm", "lm.json", _lm),
+    "train-speed": ("train-speed", "train_speed.json", "kvfree.bench.train_speed:render"),
+    "kernels": ("kernels", "kernels.json", "kvfree.bench.kernels:kernels_markdown"),
+    "capacity": ("capacity", "capacity.json", "kvfree.bench.capacity:capacity_markdown"),
+    "fdm-mqar": ("fdm-mqar", "fdm_mqar.json", "kvfree.bench.fdm_mqar:fdm_mqar_markdown"),
+    "ridge-study": ("ridge-study", "ridge_study.json", "kvfree.bench.ridge_study:markdown"),
+    "corpus": ("corpus", "corpus.json", "kvfree.commands.data:corpus_markdown"),
+    "lm": ("lm", "lm.json", "kvfree.commands.report_lm:lm_markdown"),
     "decode": ("decode", "cpu/decode.json", _decode),
+}
+SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
+    name: (folder, file, _json(make, file) if isinstance(make, str) else make)
+    for name, (folder, file, make) in _TABLE.items()
 }
 
 
