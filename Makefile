@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	then $(BIN)/pip install -q "$(TORCH_SPEC)"; \
 	else $(BIN)/pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" \
 	  || $(BIN)/pip install -q torch --index-url "$(TORCH_INDEX)"; fi
-	$(BIN)/pip install -q -e ".[dev,text,hf]"
+	$(BIN)/pip install -q -e ".[dev,text,hf,eval]"
 	touch $(STAMP)
 
 setup: $(STAMP)

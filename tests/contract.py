@@ -211,9 +211,9 @@ class MixerContract:
             with torch.no_grad():
                 _, s = mixer(x, None, self.mask_for(x, cfg))
             sizes[T] = kvfree.state_bytes(s)
-            assert sizes[T] == mixer.state_size(T) * 8, (
-                f"state_bytes {sizes[T]} at T={T} != state_size formula "
-                f"{mixer.state_size(T)} elements x 8 bytes ({mixer.state_formula()})"
+            assert sizes[T] == mixer.state_nbytes(T, torch.float64), (
+                f"state_bytes {sizes[T]} at T={T} != the formula's "
+                f"{mixer.state_nbytes(T, torch.float64)} bytes ({mixer.state_formula()})"
             )
             _, s2 = (
                 run_steps(

@@ -21,7 +21,12 @@ data_app = typer.Typer(help="Text corpora: build, inspect.", no_args_is_help=Tru
 report_app = typer.Typer(
     help="Regenerate tables/plots (and README sections) from result files.", no_args_is_help=True
 )
+reproduce_app = typer.Typer(
+    help="Reproduce a paper's table (results + markdown + plots under runs/).",
+    no_args_is_help=True,
+)
 app.add_typer(bench_app, name="bench")
+app.add_typer(reproduce_app, name="reproduce")
 app.add_typer(data_app, name="data")
 app.add_typer(report_app, name="report")
 

@@ -197,5 +197,50 @@ class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
         raise NotImplementedError("beam search is not supported for kvfree models yet")
 
 
+#: written next to config.json by :func:`export_pretrained`, named in its ``auto_map``: loaders
+#: that never import kvfree (lm-evaluation-harness's ``--model hf``) find the classes with
+#: ``trust_remote_code=True`` — the file only imports them from the installed kvfree
+REMOTE_CODE = (
+    '"""kvfree model classes for trust_remote_code loaders (needs kvfree installed)."""\n\n'
+    "from kvfree.hf import KvfreeConfig, KvfreeForCausalLM  # noqa: F401\n"
+)
+AUTO_MAP = {
+    "AutoConfig": "modeling_kvfree.KvfreeConfig",
+    "AutoModelForCausalLM": "modeling_kvfree.KvfreeForCausalLM",
+}
+
+
+def hf_tokenizer(tok):
+    """A transformers tokenizer for a kvfree BPE tokenizer (None for others): the same ids, and
+    an EOS token — lm-evaluation-harness needs an end-of-text id: the document separator
+    (``"\n\n"``, between every training document) when it is one token, else ``"\n"`` (a byte,
+    always one token)."""
+    if getattr(tok, "tok", None) is None:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    from kvfree.data.stream import DOC_SEP
+
+    sep = tok.encode(DOC_SEP)
+    eos = tok.tok.id_to_token((sep if len(sep) == 1 else tok.encode("\n"))[0])
+    return PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=eos)
+
+
+def export_pretrained(model: LanguageModel, out, tok=None) -> str:
+    """Write ``out``: config.json (with ``auto_map``), model.safetensors, modeling_kvfree.py and,
+    for a BPE tokenizer, tokenizer.json; returns a note on the tokenizer."""
+    from pathlib import Path
+
+    hf = KvfreeForCausalLM.from_kvfree(model)
+    hf.config.auto_map = dict(AUTO_MAP)
+    hf.save_pretrained(out)
+    (Path(out) / "modeling_kvfree.py").write_text(REMOTE_CODE)
+    ht = hf_tokenizer(tok)
+    if ht is None:
+        return "no tokenizer written (kvfree's own: kvfree.data.tokenizer.from_spec)"
+    ht.save_pretrained(out)
+    return f"tokenizer {tok.name} (tokenizer.json, EOS {ht.eos_token!r})"
+
+
 AutoConfig.register("kvfree", KvfreeConfig, exist_ok=True)
 AutoModelForCausalLM.register(KvfreeConfig, KvfreeForCausalLM, exist_ok=True)

@@ -159,3 +159,30 @@ def test_segmented_prefill_carries_the_write_mask():
     torch.testing.assert_close(parts, whole, atol=1e-10, rtol=0)
     t = ids[:, 0]
     torch.testing.assert_close(model.step(t, s2)[0], model.step(t, s1)[0], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["recall-gdn-attn", "recall-gdn-swa", "recall-swa-ska", "recall-mla"]
+)
+def test_hybrid_bytes_grow_only_in_attention(name):
+    """Hybrids (docs/frontier.md §4): the state grows only in a full-attention layer; a model's
+    forward equals prefill + token-by-token decode (float64)."""
+    import kvfree
+
+    torch.manual_seed(0)
+    model = LanguageModel(preset(name)).double().eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 300))
+    with torch.no_grad():
+        sizes = {T: kvfree.state_bytes(model.prefill(ids[:, :T])[1]) for T in (100, 200, 300)}
+        logits, _ = model(ids[:, :80])
+        _, state = model.prefill(ids[:, :50])
+        steps = []
+        for t in range(50, 80):
+            lg, state = model.step(ids[:, t], state)
+            steps.append(lg)
+    torch.testing.assert_close(torch.stack(steps, 1), logits[:, 50:80], rtol=1e-9, atol=1e-9)
+    per_token = {
+        "recall-gdn-attn": 2 * 2 * 32 * 8,  # K, V · n_kv 2 · d_h 32 · float64
+        "recall-mla": (32 + 16) * 2 * 8,  # (d_c + d_r) per layer · 2 layers
+    }.get(name, 0)
+    assert sizes[200] - sizes[100] == sizes[300] - sizes[200] == 100 * per_token

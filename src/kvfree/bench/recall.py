@@ -272,10 +272,12 @@ def run_job(
     ska_diag = _ska_probe(grid, job, model, val_sets, mask, device)
     trainer: Trainer | None = None
 
+    curve_keys = [cell_key(c) for c in grid.curve_cells(job.eval_cells)]
+
     def eval_fn(m) -> dict:
         accs, losses = {}, []
-        for key, data in val_sets.items():
-            accs[key], loss = evaluate_with_loss(m, data, mask, grid.eval_batch, device)
+        for key in curve_keys:
+            accs[key], loss = evaluate_with_loss(m, val_sets[key], mask, grid.eval_batch, device)
             losses.append(loss)
         conv.record(trainer.step, accs, float(np.mean(losses)))
         if ska_diag is not None:  # SKA diagnostics at this point of the curve (ska_probe.py)
@@ -334,10 +336,11 @@ def run_job(
         key = cell_key(cell)
         test = _cell_data(grid, cell, "test", grid.n_test)
         measured, formula = measure_state(model, test, mask, device)
-        reached = {
-            f"examples_to_{t:g}": conv.first_examples(key, t) if conv.curve else None
-            for t in THRESHOLDS
-        }
+        reached = (  # only for the cells on the learning curve
+            {f"examples_to_{t:g}": conv.first_examples(key, t) for t in THRESHOLDS}
+            if key in curve_keys or not conv.curve
+            else {}
+        )
         rows.append(
             {
                 "grid": grid.name,
@@ -349,7 +352,7 @@ def run_job(
                 **cell,
                 "seq_len": test.seq_len,
                 "val_acc": last["acc"][key]
-                if last is not None
+                if last is not None and key in last["acc"]
                 else evaluate(model, val_sets[key], mask, grid.eval_batch, device),
                 "test_acc": evaluate(model, test, mask, grid.eval_batch, device),
                 "n_val": grid.n_val,
@@ -364,7 +367,9 @@ def run_job(
                 "outcome": outcome,
                 **reached,
                 "curve": [
-                    [p["step"] * grid.batch_size, round(p["acc"][key], 4)] for p in conv.curve
+                    [p["step"] * grid.batch_size, round(p["acc"][key], 4)]
+                    for p in conv.curve
+                    if key in p["acc"]
                 ],
                 "batch_size": grid.batch_size,
                 "train_seconds": train_s,
@@ -491,9 +496,12 @@ def run(
     )
     try:
         if workers > 1 and len(todo) > 1:
-            from kvfree.bench.recall_workers import run_parallel
+            from kvfree.bench.recall_workers import recall_job, run_parallel
 
-            for res in run_parallel(grid, todo, out_dir, device, workers, threads or 1, bar):
+            payloads = [
+                (grid.to_dict(), j.__dict__, str(out_dir), device, threads or 1) for j in todo
+            ]
+            for res in run_parallel(recall_job, payloads, workers, bar):
                 done[res["job"]["id"]] = res
                 bar.set_description(label())
         else:

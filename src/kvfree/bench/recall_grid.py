@@ -10,6 +10,9 @@ learning-rate grid and the two slice keys of the heatmap. Presets:
     zoology-cpu    mqar      train 64/4 + 128/8, test 64/4, 128/8, 256/16 (V = 8192); CPU-sized
     zoology-based  mqar      7 test slices 64/4 … 1024/256 (docs/tasks.md §1.4); fixed train set of
                              5 segments, 32 epochs, batch 256, LR sweep
+    text-niah      text_niah one needle in real English (bytes), trained at 256 bytes, tested at
+                             256–4096 × 5 depths (length generalisation, held-out documents)
+    text-niah-mk4  text_niah the same with 4 keyed needles, one queried (RULER's multi-key)
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class RecallGrid:
     axes: tuple[str, str]  # heatmap (rows, columns): slice keys of the task
     train: str = "mixture"  # mixture (one run on all train cells) | per_cell
     train_cells: list[dict] | None = None  # default: the evaluation cells
+    val_cells: list[dict] | None = None  # cells of the learning curve and the stopping rule
+    #                                      (default: every evaluation cell; e.g. only the
+    #                                      training length when the test is length
+    #                                      generalisation); every cell gets a final val_acc
     train_examples: list[int] | None = None  # fixed train set sizes per train cell (epochs);
     #                                          None = fresh examples every step (online)
     steps: int = 1000  # optimizer steps per run, the cap (fixed train sets: from epochs)
@@ -69,6 +76,16 @@ class RecallGrid:
         name), else ``lrs``."""
         base = model.split("[", 1)[0]
         return self.model_lrs.get(model) or self.model_lrs.get(base) or self.lrs
+
+    def curve_cells(self, eval_cells: list[dict]) -> list[dict]:
+        """The evaluation cells that get a learning curve (``val_cells`` among them)."""
+        if self.val_cells is None:
+            return eval_cells
+        keys = {cell_key(c) for c in self.val_cells}
+        cells = [c for c in eval_cells if cell_key(c) in keys]
+        if not cells:
+            raise ValueError(f"grid {self.name!r}: no val_cells among the evaluation cells")
+        return cells
 
     def training_cells(self) -> list[dict]:
         return self.train_cells if self.train_cells is not None else self.cells
@@ -213,7 +230,52 @@ def _zoology_cpu() -> RecallGrid:
     )
 
 
-GRIDS = {"cpu": _cpu, "echo": _echo, "zoology-based": _zoology, "zoology-cpu": _zoology_cpu}
+#: Needles in real text (docs/tasks.md §4.4): test lengths (1×–16× the training length) and
+#: depths of the queried needle.
+TEXT_NIAH_LENGTHS = (256, 512, 1024, 2048, 4096)
+TEXT_NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _text_niah(n: int) -> RecallGrid:
+    kind = "one needle" if n == 1 else f"{n} needles with distinct keys, one queried"
+    at = [{"seq_len": L, "n": n, "depth": d} for L in TEXT_NIAH_LENGTHS for d in TEXT_NIAH_DEPTHS]
+    return RecallGrid(
+        name="text-niah" if n == 1 else f"text-niah-mk{n}",
+        task="text_niah",
+        cells=at,
+        axes=("depth", "seq_len"),
+        train="mixture",
+        train_cells=[{"seq_len": TEXT_NIAH_LENGTHS[0], "n": n}],  # depth uniform
+        val_cells=[c for c in at if c["seq_len"] == TEXT_NIAH_LENGTHS[0]],
+        steps=3000,
+        eval_every=100,
+        target=0.99,
+        patience=5,
+        patience_after=1500,
+        batch_size=32,
+        lrs=[3e-3],
+        model_lrs=dict(CPU_LRS),
+        warmup_steps=100,
+        weight_decay=0.1,
+        min_lr_ratio=1.0,
+        n_val=50,
+        n_test=50,
+        eval_batch=16,
+        note=f"needles in real text (bytes, {kind}): haystacks from the offline corpus "
+        "(`kvfree data build`; held-out test documents at test time), trained at 256 bytes "
+        "with the needle at a uniform depth, tested at 256–4096 bytes (1×–16×) × 5 depths; "
+        "validation curve and stopping rule on the training length",
+    )
+
+
+GRIDS = {
+    "cpu": _cpu,
+    "echo": _echo,
+    "zoology-based": _zoology,
+    "zoology-cpu": _zoology_cpu,
+    "text-niah": lambda: _text_niah(1),
+    "text-niah-mk4": lambda: _text_niah(4),
+}
 
 
 def grid(name: str, **overrides) -> RecallGrid:

@@ -41,7 +41,7 @@ def summarise(rows: list[dict]) -> dict:
                 "test_std": float(np.std(acc)),
                 "test_min": float(np.min(acc)),
                 "test_max": float(np.max(acc)),
-                **{k: [r.get(k) for r in rs] for k in REACHED},
+                **{k: [r.get(k) for r in rs] for k in REACHED if k in rs[0]},
                 "val_acc": float(np.mean([r["val_acc"] for r in rs])),
                 "seeds": sorted(r["seed"] for r in rs),
                 "state_bytes": rs[0]["state_bytes"],
@@ -167,10 +167,11 @@ def markdown(summary: dict, meta: dict) -> str:
             x = s["cells"].get(c)
             brec[labels[c]] = None if x is None else x["state_bytes"]
         byte_rows.append(brec)
-        if grid.get("eval_every") and all(REACHED[0] in x for x in s["cells"].values()):
+        reach_cells = [c for c in cells if REACHED[0] in s["cells"].get(c, {})]
+        if grid.get("eval_every") and reach_cells:
             erec = {"model": _label(model, s)}
             cap = s["steps_cap"] * grid["batch_size"]
-            for c in cells:
+            for c in reach_cells:
                 x = s["cells"].get(c)
                 parts = None if x is None else [_reached(x[k], cap) for k in REACHED]
                 erec[labels[c]] = (
@@ -196,8 +197,15 @@ def markdown(summary: dict, meta: dict) -> str:
         if wall and meta.get("jobs_run")
         else ""
     )
+    where = (
+        "validation cell ("
+        + ", ".join(_cell_label(c, grid["axes"]) for c in grid["val_cells"])
+        + ")"
+        if grid.get("val_cells")
+        else "cell"
+    )
     stop = (
-        f"until every cell reaches {grid['target']:g} validation accuracy or "
+        f"until every {where} reaches {grid['target']:g} validation accuracy or "
         f"{grid['patience']} evaluations without improvement after step "
         f"{grid.get('patience_after', 0)}, at most {grid['steps']} steps"
         if grid.get("eval_every")
@@ -270,6 +278,8 @@ def write_outputs(out_dir: str | Path, rows: list[dict], meta: dict, plots: bool
 
 def reference_points(task: str, cells: list[dict]) -> list[tuple[str, float]]:
     """(label, accuracy) lines worth drawing: chance and the no-binding plateau H_M/M."""
+    if task == "text_niah":
+        return [("chance 0.1 (a digit)", 0.1)]
     if task != "mqar_gap":
         return []
     ms = sorted({c["num_kv_pairs"] for c in cells if "num_kv_pairs" in c})

@@ -1,8 +1,8 @@
-"""Run recall jobs in parallel worker processes (one torch thread each by default).
+"""Run training jobs in parallel worker processes (one torch thread each by default).
 
 Small models on CPU use cores better as independent processes than as threads of one
 process. Workers send step counts through a queue so the parent's single progress bar shows
-steps and the ETA of the whole grid.
+steps and the ETA of the whole grid. Used by ``bench recall`` and ``reproduce echo-table*``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 
-def _worker(grid_dict: dict, job_dict: dict, out_dir: str, device, threads: int, q) -> dict:
-    from kvfree.bench.recall import Job, run_job
-    from kvfree.bench.recall_grid import RecallGrid
-
-    grid = RecallGrid.from_dict(grid_dict)
-    job = Job(**job_dict)
+def _worker(fn: Callable, payload, q):
     pending = [0]
 
     def on_step(n: int) -> None:
@@ -31,7 +27,7 @@ def _worker(grid_dict: dict, job_dict: dict, out_dir: str, device, threads: int,
             pending[0] = 0
 
     try:
-        res = run_job(grid, job, Path(out_dir), device=device, on_step=on_step, threads=threads)
+        res = fn(payload, on_step)
     except KeyboardInterrupt:  # SIGINT/SIGTERM: the Trainer saved the job's checkpoint
         return None
     if pending[0]:
@@ -39,16 +35,23 @@ def _worker(grid_dict: dict, job_dict: dict, out_dir: str, device, threads: int,
     return res
 
 
-def run_parallel(grid, jobs, out_dir, device, workers: int, threads: int, bar):
-    """Yield each job's result as it finishes."""
+def recall_job(payload: tuple, on_step):
+    """One ``bench recall`` job in a worker: payload = (grid, job, out_dir, device, threads)."""
+    from kvfree.bench.recall import Job, run_job
+    from kvfree.bench.recall_grid import RecallGrid
+
+    grid_dict, job_dict, out_dir, device, threads = payload
+    grid, job = RecallGrid.from_dict(grid_dict), Job(**job_dict)
+    return run_job(grid, job, Path(out_dir), device=device, on_step=on_step, threads=threads)
+
+
+def run_parallel(fn: Callable, payloads: Iterable, workers: int, bar):
+    """Yield ``fn(payload, on_step)`` of each payload as it finishes (``fn`` must be a
+    module-level function; None results — interrupted jobs — are not yielded)."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         q = manager.Queue()
-        futures = {
-            pool.submit(_worker, grid.to_dict(), j.__dict__, str(out_dir), device, threads, q): j
-            for j in jobs
-        }
-        remaining = set(futures)
+        remaining = {pool.submit(_worker, fn, p, q) for p in payloads}
         try:
             while remaining:
                 done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)

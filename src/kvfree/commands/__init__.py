@@ -16,5 +16,6 @@ from kvfree.commands import (  # noqa: F401
     info,
     report_all,
     report_lm,
+    reproduce,
     train,
 )

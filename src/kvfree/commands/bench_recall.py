@@ -24,7 +24,10 @@ def _numbers(text: str | None, kind, name: str) -> list:
 
 @bench_app.command("recall")
 def bench_recall(
-    grid: str = typer.Option("cpu", help="Task grid: cpu | echo | zoology-based."),
+    grid: str = typer.Option(
+        "cpu",
+        help="Task grid: cpu | echo | zoology-based | zoology-cpu | text-niah | text-niah-mk4.",
+    ),
     models: str = typer.Option(
         ",".join(MAIN_MODELS),
         help="Comma-separated model presets; preset\\[key=value,…] overrides "

@@ -64,4 +64,4 @@ def report_ridge_study(
         rs.plot(summary, Path(run_dir) / "ridge_study.png")
         return md
 
-    _from_json(run_dir, "ridge_study.json", "ridge-study", render, section, readme)
+    _from_json(run_dir, "ridge_study.json", "bench ridge-study", render, section, readme)

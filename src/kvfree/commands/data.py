@@ -1,4 +1,4 @@
-"""``kvfree data build`` and ``kvfree data info``: the offline English corpus."""
+"""``kvfree data build``, ``data info`` and ``data cloze-task``: the offline English corpus."""
 
 from __future__ import annotations
 
@@ -116,3 +116,22 @@ def info(
 
         update_readme_section(readme, "corpus", text)
         print(f"updated section 'corpus' of {readme}")
+
+
+@data_app.command("cloze-task")
+def cloze_task(
+    out: str = typer.Argument(..., help="Folder for cloze.jsonl + cloze.yaml."),
+    corpus: str = typer.Option("en", help="Corpus (its test split is used)."),
+    n: int = typer.Option(40, min=1, help="Passages."),
+    context: int = typer.Option(300, min=1, help="Characters of context."),
+    answer: int = typer.Option(40, min=1, help="Characters to choose between."),
+    seed: int = typer.Option(0, help="Which passages."),
+) -> None:
+    """Write a local lm-evaluation-harness task from the corpus's held-out test split: the true
+    next characters of a passage against another passage's (multiple choice, chance 0.5)."""
+    from kvfree.data.cloze import TASK, cloze_rows, write_task
+    from kvfree.data.loaders import load_corpus
+
+    rows = cloze_rows(load_corpus(corpus).docs("test"), n, context, answer, seed)
+    path = write_task(out, rows)
+    print(f"wrote {path} ({len(rows)} passages): lm_eval --tasks {TASK} --include_path {out} ...")

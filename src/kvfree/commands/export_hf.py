@@ -15,7 +15,8 @@ def export_hf(
     force: bool = typer.Option(False, help="Write into OUT even if it already holds files."),
 ) -> None:
     """Write config.json + model.safetensors (and, for a BPE run, the tokenizer) that
-    ``AutoModelForCausalLM.from_pretrained`` loads once ``kvfree.hf`` is imported."""
+    ``AutoModelForCausalLM.from_pretrained`` loads once ``kvfree.hf`` is imported — or, with
+    ``trust_remote_code=True``, without importing it (lm-evaluation-harness's ``--model hf``)."""
     from pathlib import Path
 
     from kvfree.train.lm import load_model
@@ -23,7 +24,7 @@ def export_hf(
     if checkpoint not in ("last", "best"):
         raise typer.BadParameter(f"--checkpoint {checkpoint!r}: use last or best")
     try:
-        from kvfree.hf import KvfreeForCausalLM
+        from kvfree.hf import export_pretrained
     except ImportError as e:
         raise typer.BadParameter(str(e)) from None
     path = Path(run)
@@ -32,17 +33,11 @@ def export_hf(
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise typer.BadParameter(f"{out} already holds files: pick an empty folder or pass --force")
     model, tok, _ = load_model(path / "checkpoints" / f"{checkpoint}.pt" if path.is_dir() else path)
-    hf = KvfreeForCausalLM.from_kvfree(model)
-    hf.save_pretrained(out)
-    note = "no tokenizer written (kvfree's own: kvfree.data.tokenizer.from_spec)"
-    if getattr(tok, "tok", None) is not None:  # BPE from the tokenizers library
-        from transformers import PreTrainedTokenizerFast
-
-        PreTrainedTokenizerFast(tokenizer_object=tok.tok).save_pretrained(out)
-        note = f"tokenizer {tok.name} (tokenizer.json)"
+    note = export_pretrained(model, out, tok)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     print(f"wrote {out}: {model.num_parameters():,} parameters, {size:,} bytes, {note}")
     print(
         f"load it with: import kvfree.hf; from transformers import AutoModelForCausalLM; "
-        f"AutoModelForCausalLM.from_pretrained({out!r})"
+        f"AutoModelForCausalLM.from_pretrained({out!r}); or evaluate it: lm_eval --model hf "
+        f"--model_args pretrained={out},trust_remote_code=True --tasks ..."
     )

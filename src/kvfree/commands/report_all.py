@@ -24,13 +24,13 @@ def report_all(
         print(f"updated {len(done)} section(s) of {readme}")
 
 
-def _from_json(run_dir: str, filename: str, bench: str, render, section: str, readme) -> None:
+def _from_json(run_dir: str, filename: str, command: str, render, section: str, readme) -> None:
     import json
     from pathlib import Path
 
     path = Path(run_dir) / filename
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `kvfree bench {bench} --out {run_dir}`")
+        raise FileNotFoundError(f"{path} not found: run `kvfree {command} --out {run_dir}`")
     md = render(json.loads(path.read_text()))
     print(md)
     if readme:
@@ -49,7 +49,7 @@ def report_kernels(
     """Regenerate the kernels table from RUN_DIR/kernels.json."""
     from kvfree.bench.kernels import kernels_markdown
 
-    _from_json(run_dir, "kernels.json", "kernels", kernels_markdown, section, readme)
+    _from_json(run_dir, "kernels.json", "bench kernels", kernels_markdown, section, readme)
 
 
 @report_app.command("train-speed")
@@ -61,7 +61,7 @@ def report_train_speed(
     """Regenerate the train-speed table from RUN_DIR/train_speed.json."""
     from kvfree.bench.train_speed import render
 
-    _from_json(run_dir, "train_speed.json", "train-speed", render, section, readme)
+    _from_json(run_dir, "train_speed.json", "bench train-speed", render, section, readme)
 
 
 @report_app.command("fdm-mqar")
@@ -73,4 +73,4 @@ def report_fdm_mqar(
     """Regenerate the FDM MQAR table from RUN_DIR/fdm_mqar.json."""
     from kvfree.bench.fdm_mqar import fdm_mqar_markdown
 
-    _from_json(run_dir, "fdm_mqar.json", "fdm-mqar", fdm_mqar_markdown, section, readme)
+    _from_json(run_dir, "fdm_mqar.json", "bench fdm-mqar", fdm_mqar_markdown, section, readme)

@@ -19,6 +19,10 @@ token, ``filled = T``. Window variants use ``s`` sink slots plus a ring buffer o
 constant memory, ``filled = min(T, s+W)``. Carried bytes are exactly 2·filled·n_kv·d_h·b per
 batch row (``KVCache.carried_bytes``; ``allocated_bytes`` adds the spare capacity).
 
+Quantised cache (``kv_bits=8|4``, full attention only): the cache stores b-bit codes of every key
+(after RoPE) and value vector, coded alone per group of ``kv_group`` channels, with fp16 scales and
+minima (:mod:`kvfree.mixers.kv_quant`); the parallel form reads the same dequantised x̂ as decode.
+
 Sink position policies (window + sinks):
 - ``"absolute"``: keys keep their original RoPE positions; the parallel form applies the same
   visibility mask, so forward and step are exact twins.
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfree.mixers import kv_quant as kvq
 from kvfree.mixers.base import Mixer
 from kvfree.mixers.rope import apply_rope
 from kvfree.state import State
@@ -116,6 +121,9 @@ class Attention(Mixer):
         sink_positions: str = "absolute",
         q_block: int = 256,
         max_len: int | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+        kv_scale_dtype: str = "auto",
     ):
         super().__init__(d_model)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -155,6 +163,7 @@ class Attention(Mixer):
             raise ValueError(f"q_block must be >= 1, got {q_block}")
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
+        self._init_kv_quant(kv_bits, kv_group, kv_scale_dtype, head_dim, window)
         self.H, self.n_kv, self.dh = num_heads, num_kv_heads, head_dim
         self.g = num_heads // num_kv_heads
         self.positions, self.rope_base = positions, float(rope_base)
@@ -167,13 +176,48 @@ class Attention(Mixer):
         self.v_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.H * self.dh, d_model, bias=False)
 
+    def _init_kv_quant(self, bits, group, scale_dtype, head_dim, window) -> None:
+        """``kv_bits``: the cache stores b-bit codes per group of ``kv_group`` channels
+        (kv_quant.py)."""
+        self.kv_bits, self.kv_group = bits, group or head_dim
+        if bits is None:
+            return
+        if bits not in (4, 8):
+            raise ValueError(f"kv_bits must be 4, 8 or None (unquantised), got {bits}")
+        if window is not None:
+            raise ValueError("kv_bits quantises the full KV cache; it does not take a window yet")
+        if head_dim % self.kv_group or (bits == 4 and head_dim % 2):
+            raise ValueError(
+                f"kv_group={self.kv_group} must divide head_dim={head_dim} (and 4-bit codes "
+                "need an even head_dim: two per byte)"
+            )
+        if scale_dtype != "auto" and scale_dtype not in kvq.SCALE_DTYPES:
+            raise unknown_keys_error("kv_scale_dtype", [scale_dtype], ["auto", *kvq.SCALE_DTYPES])
+        self.kv_scale_dtype = scale_dtype
+
+    def _scale_dtype(self, dtype) -> torch.dtype:
+        """Scales and minima: fp16 (KIVI), float64 in a float64 model under ``"auto"``."""
+        if self.kv_scale_dtype == "auto":
+            return torch.float64 if dtype == torch.float64 else torch.float16
+        return kvq.SCALE_DTYPES[self.kv_scale_dtype]
+
     @property
     def slots(self) -> int | None:
         """Maximum cache slots: s+W with a window, None (unbounded) for full attention."""
         return None if self.window is None else self.sinks + self.window
 
     # ----- state -------------------------------------------------------------------------
-    def init_state(self, batch, *, device=None, dtype=None) -> KVCache:
+    def init_state(self, batch, *, device=None, dtype=None) -> KVCache | kvq.QuantKVCache:
+        if self.kv_bits:
+            return kvq.empty_cache(
+                batch,
+                self.n_kv,
+                self.dh,
+                self.kv_bits,
+                self.kv_group,
+                self._scale_dtype(dtype or torch.get_default_dtype()),
+                device,
+            )
         cap = 0
         if self.max_len is not None:
             cap = self.max_len if self.slots is None else min(self.max_len, self.slots)
@@ -181,6 +225,13 @@ class Attention(Mixer):
         return KVCache(k, torch.zeros_like(k), sinks=self.sinks, window=self.window or 0)
 
     def state_formula(self) -> str:
+        if self.kv_bits:
+            b, G = self.kv_bits, self.kv_group
+            return (
+                f"2·T·n_kv·(d_h·b/8 + 2·d_h/G) = 2·T·{self.n_kv}·({self.dh}·{b}/8 + "
+                f"2·{self.dh}/{G}) (bytes of codes + (scale, min) items of "
+                f"{self.kv_scale_dtype}: fp16, float64 in a float64 model under auto)"
+            )
         if self.slots is None:
             return f"2·T·n_kv·d_h = 2·T·{self.n_kv}·{self.dh}"
         return (
@@ -188,10 +239,36 @@ class Attention(Mixer):
         )
 
     def state_size(self, seq_len: int) -> int:
+        if self.kv_bits:  # stored items: code bytes + scale/min entries
+            return 2 * seq_len * self.n_kv * (self.dh * self.kv_bits // 8 + 2 * self._groups)
         n = seq_len if self.slots is None else min(seq_len, self.slots)
         return 2 * n * self.n_kv * self.dh
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        if not self.kv_bits:
+            return super().state_nbytes(seq_len, dtype)
+        args = (self.n_kv, self.dh, self.kv_bits, self.kv_group, self._scale_dtype(dtype))
+        return seq_len * kvq.nbytes_per_token(*args)
+
+    @property
+    def _groups(self) -> int:
+        return self.dh // self.kv_group
+
     def _check_state(self, state, batch: int) -> None:
+        if self.kv_bits:
+            if not isinstance(state, kvq.QuantKVCache):
+                raise TypeError(
+                    f"a kv_bits={self.kv_bits} layer expects a QuantKVCache state, got "
+                    f"{type(state).__name__}; use init_state(batch) or a state it returned"
+                )
+            B, n_kv, _, width = state.k_codes.shape
+            want = (batch, self.n_kv, self.dh * self.kv_bits // 8)
+            if (B, n_kv, width) != want:
+                raise ValueError(
+                    f"QuantKVCache has [batch, n_kv, code bytes] = {[B, n_kv, width]}, "
+                    f"expected {list(want)}"
+                )
+            return
         if not isinstance(state, KVCache):
             raise TypeError(
                 f"Attention expects a KVCache state, got {type(state).__name__}; "
@@ -246,6 +323,11 @@ class Attention(Mixer):
         pos = torch.arange(T0, T0 + T, device=x.device)
         q_rot = self._rope(q, pos)
         k_store = k if self.rolling else self._rope(k, pos)
+        if self.kv_bits:
+            K, V, new_state = self._extend_quantized(state, k_store, v)
+            o = self._blocks(q_rot, None, K, V, T0, 0, 0)
+            y = o.transpose(1, 2).reshape(B, T, self.H * self.dh)
+            return self.o_proj(y.to(x.dtype)), new_state
         K, V, new_state = self._extend(state, k_store.to(state.k.dtype), v.to(state.v.dtype))
         # key index i <-> position i for i < a, else tail0 + (i - a)   (K is chronological)
         a = min(state.filled, self.sinks)
@@ -290,6 +372,18 @@ class Attention(Mixer):
             vb = torch.cat([V[:, :, :n_sink], V[:, :, keep:]], dim=2)
         return K, V, KVCache(kb, vb, T0 + T, n_sink + n_ring, 0, self.sinks, self.window)
 
+    def _extend_quantized(self, state, k, v):
+        """kv_bits: quantise the T new keys/values; (K̂, V̂) over cache + new, new state."""
+        args = (self.kv_bits, self.kv_group, self._scale_dtype(k.dtype))
+        k_hat, kq = kvq.round_trip(k, *args)
+        v_hat, vq = kvq.round_trip(v, *args)
+        new_state = kvq.append(state, kq, vq, k.shape[2])
+        if not state.filled:
+            return k_hat, v_hat, new_state
+        K = torch.cat([state.keys(self.kv_bits, k.dtype), k_hat], dim=2)
+        V = torch.cat([state.values(self.kv_bits, v.dtype), v_hat], dim=2)
+        return K, V, new_state
+
     def _blocks(self, q, q_sink, K, V, T0, a, tail0):
         """Blockwise SDPA. q [B, H, T, d_h] at positions T0..T0+T−1; K, V chronological with
         index↔position map (a, tail0); q_sink: queries rotated for sink keys (rolling only)."""
@@ -327,6 +421,10 @@ class Attention(Mixer):
         pos = torch.full((1,), state.length, device=x_t.device)
         if not self.rolling:
             q, k = self._rope(q, pos), self._rope(k, pos)
+        if self.kv_bits:
+            K, V, new = self._extend_quantized(state, k, v)
+            o = self._sdpa(q, K, V, None)
+            return self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype)), new
         new = self._append(state, k.to(state.k.dtype), v.to(state.v.dtype))
         K, V = new.k[:, :, : new.filled], new.v[:, :, : new.filled]  # slot order is irrelevant
         if self.rolling:  # re-rotate by slot rank (StreamingLLM): query at the last slot
@@ -372,6 +470,7 @@ class Attention(Mixer):
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""
+        extra += f", kv_bits={self.kv_bits}, kv_group={self.kv_group}" if self.kv_bits else ""
         pol = f", sink_positions={self.sink_positions}" if self.window else ""
         return (
             f"d_model={self.d_model}, heads={self.H}, kv_heads={self.n_kv}, "

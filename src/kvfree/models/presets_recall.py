@@ -12,6 +12,14 @@
 | recall-gdn-ska           | gated_deltanet, ska (recipe)  | fixed                                 |
 | recall-mesanet           | mesanet ×2 (2 h, CG solve)    | fixed                                 |
 | recall-fdm               | fdm ×2 (MQAR variant)         | fixed: scan + global top-16 cache     |
+| recall-mla               | mla ×2 (d_c 32, d_r 16)       | latent cache: 48 values per token     |
+| recall-gdn-attn          | gated_deltanet, attention     | hybrid: grows in the attention layer  |
+| recall-gdn-swa           | gated_deltanet, attention W64 | hybrid: fixed (GDN + a 64-token ring) |
+| recall-swa-ska           | attention W32, ska (recipe)   | hybrid: fixed (a 32-token ring + SKA) |
+
+Quantised or evicting caches need no preset: ``recall-attention[attention.kv_bits=8]`` (the same
+parameters: load a trained attention model), or a model whose layers are ``attention_h2o`` /
+``attention_snapkv`` with a ``budget`` (docs/frontier.md §5).
 
 **The SKA recall recipe** (``recall-mamba2-ska``, ``recall-gdn-ska``) deviates from the paper in
 two named ways (docs/ska.md §19, measured by ``kvfree bench ridge-study``):
@@ -93,6 +101,24 @@ PRESETS = {
         ["mamba2", "ska"], mamba2=_MAMBA, ska=dict(_SKA, mode="prefix", norm="seqmax")
     ),
     "recall-mesanet": lambda: _cfg(["mesanet", "mesanet"], mesanet=dict(MESANET_RECIPE)),
+    "recall-mla": lambda: _cfg(
+        ["mla", "mla"], mla=dict(num_heads=2, latent_dim=32, rope_dim=16, positions="rope")
+    ),
+    "recall-gdn-attn": lambda: _cfg(
+        ["gated_deltanet", "attention"],
+        gated_deltanet=dict(num_heads=2, chunk_size=16),
+        attention=dict(num_heads=2, positions="rope"),
+    ),
+    "recall-gdn-swa": lambda: _cfg(
+        ["gated_deltanet", "attention"],
+        gated_deltanet=dict(num_heads=2, chunk_size=16),
+        attention=dict(num_heads=2, positions="rope", window=64),
+    ),
+    "recall-swa-ska": lambda: _cfg(
+        ["attention", "ska"],
+        attention=dict(num_heads=2, positions="rope", window=32),
+        ska=dict(SKA_RECIPE),
+    ),
     "recall-fdm": lambda: ModelConfig(
         vocab_size=VOCAB,
         d_model=D,

@@ -56,6 +56,8 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "corpus": ("corpus", "corpus.json", "kvfree.commands.data:corpus_markdown"),
     "lm": ("lm", "lm.json", "kvfree.commands.report_lm:lm_markdown"),
     "decode": ("decode", "cpu/decode.json", _decode),
+    "echo-table2": ("echo-suite", "echo_table2.json", "kvfree.bench.echo_report:markdown"),
+    "echo-table3": ("echo-suite", "echo_table3.json", "kvfree.bench.echo_report:markdown"),
 }
 SECTIONS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     name: (folder, file, _json(make, file) if isinstance(make, str) else make)

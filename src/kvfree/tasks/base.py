@@ -293,6 +293,7 @@ _REGISTRY: dict[str, str] = {
     "tooltrace": "kvfree.tasks.tooltrace",
     "commonword": "kvfree.tasks.commonword",
     "mqar_transfer": "kvfree.tasks.mqar_transfer",
+    "text_niah": "kvfree.tasks.text_niah",
 }
 
 
