@@ -4,6 +4,7 @@ from kvfree.commands import (  # noqa: F401
     bench_capacity,
     bench_decode,
     bench_fdm_mqar,
+    bench_frontier,
     bench_kernels,
     bench_recall,
     bench_ridge_study,

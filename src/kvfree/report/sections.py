@@ -47,6 +47,7 @@ def _decode(folder: Path) -> str:
 _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "main-job": ("demo", "results.jsonl", _recall),
     "zoology-cpu": ("zoology-cpu", "results.jsonl", _recall),
+    "text-niah": ("text-niah", "results.jsonl", _recall),
     "zoology-cpu-attention": ("zoology-cpu-attention", "results.jsonl", _recall),
     "train-speed": ("train-speed", "train_speed.json", "kvfree.bench.train_speed:render"),
     "kernels": ("kernels", "kernels.json", "kvfree.bench.kernels:kernels_markdown"),
@@ -56,6 +57,7 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "corpus": ("corpus", "corpus.json", "kvfree.commands.data:corpus_markdown"),
     "lm": ("lm", "lm.json", "kvfree.commands.report_lm:lm_markdown"),
     "decode": ("decode", "cpu/decode.json", _decode),
+    "frontier": ("frontier", "frontier.json", "kvfree.bench.frontier:markdown"),
     "echo-table2": ("echo-suite", "echo_table2.json", "kvfree.bench.echo_report:markdown"),
     "echo-table3": ("echo-suite", "echo_table3.json", "kvfree.bench.echo_report:markdown"),
 }

@@ -1,0 +1,230 @@
+"""``kvfree bench frontier``: recall accuracy against state bytes, one line per family — KV-cache
+engineering (fewer KV heads, a latent cache, a window), hybrids and fixed states on one axis
+(docs/frontier.md).
+
+Every point is a model trained by ``bench recall`` on the same grid with the same cap and
+stopping rule (``recall_convergence.py``), seeds alike; its x is the measured decode-state bytes
+after prefilling the grid's longest cell (fp32, all layers), its y the test accuracy — mean over the
+grid's cells, mean (min–max) over seeds. A family's points differ in one size (width, KV heads,
+latent width, window, d_state, rank). Reported per family: the smallest state reaching 0.9 and 0.99.
+Drawn with the points: the information floor N·log₂V_values bits of the largest cell (no memory
+holding all N pairs can be smaller at accuracy 1) and zoology's published points (another task and
+grid: a reference, labelled).
+
+Quantised and evicting caches (``attention(kv_bits=…)``, ``attention_h2o``, ``attention_snapkv``)
+are evaluated on a trained full-attention model, not trained: they join the axis once the bench
+evaluates through decode (not yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+#: preset -> {family: [model specs, smallest state first]}
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "cpu": {
+        "attention (KV cache)": [
+            "recall-attention[attention.num_kv_heads=1]",
+            "recall-attention",
+        ],
+        "sliding window": [
+            "recall-attention[attention.window=16]",
+            "recall-attention[attention.window=64]",
+        ],
+        "MLA (latent KV)": ["recall-mla[mla.latent_dim=8,mla.rope_dim=8]", "recall-mla"],
+        "Gated DeltaNet": ["recall-gdn[d_model=32]", "recall-gdn"],
+        "Mamba-2": ["recall-mamba2", "recall-mamba2[mamba2.d_state=64]"],
+        "Mamba-2 + SKA": ["recall-mamba2-ska[ska.rank=8]", "recall-mamba2-ska"],
+        "hybrid GDN + window": ["recall-gdn-swa"],
+    },
+}
+PRESETS["gpu"] = {
+    **{f: list(specs) for f, specs in PRESETS["cpu"].items()},
+    "attention (KV cache)": [
+        "recall-attention[attention.num_kv_heads=1]",
+        "recall-attention",
+        "recall-attention[d_model=128,attention.num_heads=4]",
+    ],
+    "Gated DeltaNet": ["recall-gdn[d_model=32]", "recall-gdn", "recall-gdn[d_model=128]"],
+    "Mamba-2": [
+        "recall-mamba2[mamba2.d_state=8]",
+        "recall-mamba2",
+        "recall-mamba2[mamba2.d_state=64]",
+        "recall-mamba2[d_model=128,mamba2.d_state=64]",
+    ],
+    "Mamba-2 + SKA": [
+        "recall-mamba2-ska[ska.rank=8]",
+        "recall-mamba2-ska",
+        "recall-mamba2-ska[ska.rank=32]",
+    ],
+    "hybrid GDN + window": ["recall-gdn-swa", "recall-gdn-attn"],
+    "MesaNet": ["recall-mesanet"],
+}
+#: zoology's figure (docs/frontier.md §1): (family, fp32 state bytes, mean MQAR accuracy over its 7
+#: test slices, best LR) read off a plot (±0.02 / ±10 %) — another grid, a reference only
+ZOOLOGY = [
+    ("attention", 5.2e5, 1.00),
+    ("DeltaNet", 8.9e3, 0.79),
+    ("DeltaNet", 3.4e4, 0.96),
+    ("DeltaNet", 1.34e5, 0.99),
+    ("Gated DeltaNet", 1.7e4, 0.89),
+    ("Gated DeltaNet", 6.7e4, 0.99),
+    ("Based", 1.6e5, 0.99),
+]
+THRESHOLDS = (0.9, 0.99)
+
+
+def families(preset: str, only: list[str] | None = None) -> dict[str, list[str]]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown frontier preset {preset!r}; choose from {list(PRESETS)}")
+    fams = PRESETS[preset]
+    bad = [f for f in only or [] if f not in fams]
+    if bad:
+        raise ValueError(f"unknown families {bad}; {preset} has {list(fams)}")
+    return {f: s for f, s in fams.items() if not only or f in only}
+
+
+def information_floor_bytes(task: str, cells: list[dict]) -> float | None:
+    """N·log₂V_values bits of the largest cell, in bytes (mqar_gap: 64 values)."""
+    if task != "mqar_gap":
+        return None
+    from kvfree.tasks.mqar_gap import N_VALUES
+
+    n = max(c["num_kv_pairs"] for c in cells)
+    return n * math.log2(N_VALUES) / 8
+
+
+def points(rows: list[dict], fams: dict[str, list[str]]) -> list[dict]:
+    """One point per model spec: bytes at the longest cell, mean test accuracy over cells
+    (per seed), mean / min / max over seeds."""
+    out = []
+    for family, specs in fams.items():
+        for spec in specs:
+            rs = [r for r in rows if r["model"] == spec]
+            if not rs:
+                continue
+            longest = max(r["seq_len"] for r in rs)
+            per_seed = [
+                float(np.mean([r["test_acc"] for r in rs if r["seed"] == s]))
+                for s in sorted({r["seed"] for r in rs})
+            ]
+            out.append(
+                {
+                    "family": family,
+                    "model": spec,
+                    "state_bytes": next(r["state_bytes"] for r in rs if r["seq_len"] == longest),
+                    "longest_seq_len": longest,
+                    "accuracy": float(np.mean(per_seed)),
+                    "acc_min": min(per_seed),
+                    "acc_max": max(per_seed),
+                    "seeds": len(per_seed),
+                    "params": rs[0]["params"],
+                }
+            )
+    return out
+
+
+def smallest(pts: list[dict]) -> list[dict]:
+    """Per family, the smallest state whose mean accuracy reaches each threshold."""
+    rows = []
+    for family in dict.fromkeys(p["family"] for p in pts):
+        fp = sorted((p for p in pts if p["family"] == family), key=lambda p: p["state_bytes"])
+        row = {"family": family, "points": len(fp), "seeds": max(p["seeds"] for p in fp)}
+        for t in THRESHOLDS:
+            hit = next((p for p in fp if p["accuracy"] >= t), None)
+            row[f"smallest state ≥ {t:g}"] = (
+                f"{hit['state_bytes']:,} B" if hit else f"> {fp[-1]['state_bytes']:,} B"
+            )
+        best = max(fp, key=lambda p: p["accuracy"])
+        row["best accuracy (state)"] = f"{best['accuracy']:.3f} ({best['state_bytes']:,} B)"
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    from kvfree.report.tables import markdown_table
+
+    pts, meta = result["points"], result["meta"]
+    floor = result.get("floor_bytes")
+    table = [
+        {
+            "family": p["family"],
+            "model": f"`{p['model']}`",
+            "state bytes": f"{p['state_bytes']:,}",
+            "accuracy": f"{p['accuracy']:.3f}"
+            + (f" ({p['acc_min']:.3f}–{p['acc_max']:.3f})" if p["seeds"] > 1 else ""),
+            "params": f"{p['params']:,}",
+        }
+        for p in pts
+    ]
+    env = meta.get("env", {})
+    head = (
+        f"Grid `{meta['grid']}` of `bench recall` (the same cells, cap and stopping rule for "
+        f"every model), seeds {meta['seeds']}; accuracy = test accuracy, mean over the grid's "
+        f"cells, mean (min–max) over seeds; state bytes = measured decode state after the "
+        f"longest cell ({pts[0]['longest_seq_len'] if pts else '?'} tokens), fp32, all layers"
+        + (f"; information floor {floor:g} B" if floor else "")
+        + f". {env.get('device', '?')}, torch {env.get('torch', '?')}.\n\n"
+    )
+    return (
+        head + markdown_table(smallest(pts)) + "\nEvery point:\n\n" + markdown_table(table)
+    ).rstrip()
+
+
+def plot(result: dict, path) -> Path:
+    from kvfree.report.plots import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    pts = result["points"]
+    for i, family in enumerate(dict.fromkeys(p["family"] for p in pts)):
+        fp = sorted((p for p in pts if p["family"] == family), key=lambda p: p["state_bytes"])
+        x = [p["state_bytes"] for p in fp]
+        y = [p["accuracy"] for p in fp]
+        err = [
+            [p["accuracy"] - p["acc_min"] for p in fp],
+            [p["acc_max"] - p["accuracy"] for p in fp],
+        ]
+        ax.errorbar(x, y, yerr=err, marker="o", lw=1.4, capsize=2, color=f"C{i}", label=family)
+    zx = [b for _, b, _ in ZOOLOGY]
+    ax.scatter(zx, [a for *_, a in ZOOLOGY], marker="x", color="grey", s=22, zorder=3,
+               label="zoology's figure (another grid; reference)")  # fmt: skip
+    if result.get("floor_bytes"):
+        ax.axvline(result["floor_bytes"], color="k", ls=":", lw=1)
+        ax.text(result["floor_bytes"], 0.02, " N·log₂V floor", fontsize=7, rotation=90)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("decode-state bytes at the longest cell (fp32, all layers)")
+    ax.set_ylabel("test accuracy (mean over cells)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5, loc="lower right")
+    ax.set_title("recall per byte (bars: min–max over seeds)", fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write(out_dir: str | Path, fams: dict[str, list[str]]) -> dict:
+    """frontier.json / .md / .png from the recall results in ``out_dir``."""
+    from kvfree.report.tables import atomic_write, write_json
+
+    out_dir = Path(out_dir)
+    rows = [json.loads(x) for x in (out_dir / "results.jsonl").read_text().splitlines() if x]
+    meta = json.loads((out_dir / "summary.json").read_text())["meta"]
+    g = meta["grid"]
+    result = {
+        "benchmark": "frontier",
+        "families": fams,
+        "points": points(rows, fams),
+        "floor_bytes": information_floor_bytes(g["task"], g["cells"]),
+        "meta": {"grid": g["name"], "seeds": meta["seeds"], "env": meta.get("env", {})},
+    }
+    write_json(out_dir / "frontier.json", result)
+    md = markdown(result)
+    atomic_write(out_dir / "frontier.md", md + "\n")
+    png = plot(result, out_dir / "frontier.png")
+    return {**result, "markdown": md, "files": [str(out_dir / "frontier.json"), str(png)]}

@@ -1,0 +1,44 @@
+"""``bench frontier`` on a tiny budget: one point per model spec with its measured bytes and
+accuracy, the smallest-state table, the information floor, and the report regenerates it."""
+
+import json
+
+import pytest
+
+from kvfree.bench import frontier as F
+from kvfree.bench.recall import run
+from kvfree.bench.recall_grid import grid
+
+
+def test_frontier_points_table_and_plot(tmp_path):
+    fams = {
+        "attention (KV cache)": ["recall-attention[attention.num_kv_heads=1]"],
+        "Gated DeltaNet": ["recall-gdn[d_model=32]", "recall-gdn"],
+    }
+    g = grid("cpu", steps=2, eval_every=0, n_test=4, n_val=4, patience=0,
+             cells=[{"num_kv_pairs": 4, "gap": 8}, {"num_kv_pairs": 8, "gap": 16}],
+             train_cells=[{"num_kv_pairs": 4, "gap": 8}])  # fmt: skip
+    specs = [s for ss in fams.values() for s in ss]
+    run(g, specs, [0, 1], tmp_path, device="cpu", progress=False, plots=False)
+    res = F.write(tmp_path, fams)
+    pts = {p["model"]: p for p in res["points"]}
+    assert set(pts) == set(specs)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for spec, p in pts.items():
+        longest = [r for r in rows if r["model"] == spec and r["seq_len"] == p["longest_seq_len"]]
+        assert p["state_bytes"] == longest[0]["state_bytes"] and p["seeds"] == 2
+        accs = [r["test_acc"] for r in rows if r["model"] == spec]
+        assert p["accuracy"] == pytest.approx(sum(accs) / len(accs))
+        assert p["acc_min"] <= p["accuracy"] <= p["acc_max"]
+    assert pts["recall-gdn[d_model=32]"]["state_bytes"] < pts["recall-gdn"]["state_bytes"]
+    assert res["floor_bytes"] == pytest.approx(8 * 6 / 8)  # 8 pairs · log2(64 values) bits
+    assert "smallest state ≥ 0.99" in res["markdown"] and (tmp_path / "frontier.png").exists()
+    again = F.markdown(json.loads((tmp_path / "frontier.json").read_text()))
+    assert again == res["markdown"]
+
+
+def test_unknown_preset_or_family():
+    with pytest.raises(ValueError, match="preset"):
+        F.families("huge")
+    with pytest.raises(ValueError, match="families"):
+        F.families("cpu", ["transformers"])
