@@ -32,8 +32,10 @@ def test_frontier_points_table_and_plot(tmp_path):
         assert p["acc_min"] <= p["accuracy"] <= p["acc_max"]
     assert pts["recall-gdn[d_model=32]"]["state_bytes"] < pts["recall-gdn"]["state_bytes"]
     assert res["floor_bytes"] == pytest.approx(8 * 6 / 8)  # 8 pairs · log2(64 values) bits
-    assert "smallest state ≥ 0.99" in res["markdown"] and (tmp_path / "frontier.png").exists()
-    again = F.markdown(json.loads((tmp_path / "frontier.json").read_text()))
+    assert (
+        "smallest state ≥ 0.99" in res["markdown"] and (tmp_path / "recall_per_byte.png").exists()
+    )
+    again = F.markdown(json.loads((tmp_path / "recall_per_byte.json").read_text()))
     assert again == res["markdown"]
 
 

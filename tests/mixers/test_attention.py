@@ -19,6 +19,17 @@ def rope_ref(x, p, base):
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
+def token_qkv(m, x, t, p):
+    """q [B, H, d_h], k, v [B, n_kv, d_h] of token t of x, rotated at position p (RoPE)."""
+    B = x.shape[0]
+    q = m.q_proj(x[:, t]).view(B, m.H, m.dh)
+    k = m.k_proj(x[:, t]).view(B, m.n_kv, m.dh)
+    v = m.v_proj(x[:, t]).view(B, m.n_kv, m.dh)
+    if m.positions == "rope":
+        q, k = rope_ref(q, p, m.rope_base), rope_ref(k, p, m.rope_base)
+    return q, k, v
+
+
 def attention_reference(m, x, state):
     """Plain per-token loop: a Python list of (position, k, v), evicted by the visibility rule,
     and an explicit softmax per step. Returns (y, final compact KVCache)."""

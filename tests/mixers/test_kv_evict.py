@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import kvfree
 from kvfree.mixers import build_mixer
 from tests.contract import F64, assert_close, grads_of, parallel, run_steps, stepwise
-from tests.mixers.test_attention import rope_ref
+from tests.mixers.test_attention import token_qkv
 
 D = 16
 
@@ -27,14 +27,6 @@ def pair(name, **opts):
 def x_of(T, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, D, generator=g, dtype=torch.float64)
-
-
-def qkv(m, x, t):
-    """Query [B, H, d], key, value [B, n_kv, d] of token t at position t (RoPE)."""
-    B = x.shape[0]
-    q = rope_ref(m.q_proj(x[:, t]).view(B, m.H, m.dh), t, m.rope_base)
-    k = rope_ref(m.k_proj(x[:, t]).view(B, m.n_kv, m.dh), t, m.rope_base)
-    return q, k, m.v_proj(x[:, t]).view(B, m.n_kv, m.dh)
 
 
 @pytest.mark.parametrize("name", ["attention_h2o", "attention_snapkv"])
@@ -69,7 +61,7 @@ def h2o_reference(m, x):
     kept = [[[] for _ in range(m.n_kv)] for _ in range(B)]
     ys = []
     for t in range(T):
-        q, k, v = qkv(m, x, t)
+        q, k, v = token_qkv(m, x, t, t)
         o = torch.zeros(B, m.H, m.dh, dtype=x.dtype)
         for b in range(B):
             for h in range(m.n_kv):
@@ -108,7 +100,7 @@ def test_h2o_decode_follows_the_per_token_rule():
 def full_probs(plain, x):
     """Full causal attention probabilities [B, n_kv, g, T, T] of a plain layer."""
     B, T, _ = x.shape
-    q, k, _ = zip(*(qkv(plain, x, t) for t in range(T)))
+    q, k, _ = zip(*(token_qkv(plain, x, t, t) for t in range(T)))
     q, k = torch.stack(q, 2), torch.stack(k, 2)  # [B, H, T, d], [B, n_kv, T, d]
     s = torch.einsum("bkgtd,bksd->bkgts", q.view(B, plain.n_kv, plain.g, T, -1), k)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -151,7 +143,7 @@ def test_snapkv_cuts_once_by_the_observation_window_then_appends():
     # decode = attention over the kept tokens plus the new ones
     ks, vs = [torch.gather(K, 2, idx)], [torch.gather(V, 2, idx)]
     for t in range(6):
-        q, k, v = qkv(m, x, 50 + t)
+        q, k, v = token_qkv(m, x, 50 + t, 50 + t)
         ks.append(k[:, :, None])
         vs.append(v[:, :, None])
         Kt, Vt = torch.cat(ks, 2).repeat_interleave(2, 1), torch.cat(vs, 2).repeat_interleave(2, 1)

@@ -10,7 +10,7 @@ import kvfree
 from kvfree.mixers import build_mixer
 from kvfree.mixers.kv_quant import QuantKVCache, dequantize, quantize
 from tests.contract import MixerContract
-from tests.mixers.test_attention import rope_ref
+from tests.mixers.test_attention import token_qkv
 
 
 def quant_ref(x, bits, group, scale_dtype):
@@ -34,7 +34,7 @@ def pack(codes, bits):
 def quant_attention_reference(m, x, state):
     """Per-token loop: quantise k_t, v_t on their own, attend over every x̂ so far."""
     B, T, _ = x.shape
-    H, n_kv, dh, g, b = m.H, m.n_kv, m.dh, m.g, m.kv_bits
+    H, dh, g, b = m.H, m.dh, m.g, m.kv_bits
     args = (b, m.kv_group, m._scale_dtype(x.dtype))
     Ks, Vs, parts = [], [], []
     T0 = 0
@@ -45,12 +45,7 @@ def quant_attention_reference(m, x, state):
                   state.v_min)]  # fmt: skip
     ys = []
     for t in range(T):
-        p = T0 + t
-        q = m.q_proj(x[:, t]).view(B, H, dh)
-        k = m.k_proj(x[:, t]).view(B, n_kv, dh)
-        v = m.v_proj(x[:, t]).view(B, n_kv, dh)
-        if m.positions == "rope":
-            q, k = rope_ref(q, p, m.rope_base), rope_ref(k, p, m.rope_base)
+        q, k, v = token_qkv(m, x, t, T0 + t)
         kh, kc, ksc, kmn = quant_ref(k, *args)
         vh, vc, vsc, vmn = quant_ref(v, *args)
         Ks.append(kh[:, :, None])

@@ -209,7 +209,7 @@ def plot(result: dict, path) -> Path:
 
 
 def write(out_dir: str | Path, fams: dict[str, list[str]]) -> dict:
-    """frontier.json / .md / .png from the recall results in ``out_dir``."""
+    """recall_per_byte.json / .md / .png from the recall results in ``out_dir``."""
     from kvfree.report.tables import atomic_write, write_json
 
     out_dir = Path(out_dir)
@@ -223,8 +223,8 @@ def write(out_dir: str | Path, fams: dict[str, list[str]]) -> dict:
         "floor_bytes": information_floor_bytes(g["task"], g["cells"]),
         "meta": {"grid": g["name"], "seeds": meta["seeds"], "env": meta.get("env", {})},
     }
-    write_json(out_dir / "frontier.json", result)
+    write_json(out_dir / "recall_per_byte.json", result)
     md = markdown(result)
-    atomic_write(out_dir / "frontier.md", md + "\n")
-    png = plot(result, out_dir / "frontier.png")
-    return {**result, "markdown": md, "files": [str(out_dir / "frontier.json"), str(png)]}
+    atomic_write(out_dir / "recall_per_byte.md", md + "\n")
+    png = plot(result, out_dir / "recall_per_byte.png")
+    return {**result, "markdown": md, "files": [str(out_dir / "recall_per_byte.json"), str(png)]}

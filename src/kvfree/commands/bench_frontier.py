@@ -53,7 +53,7 @@ def report_frontier(
     run_dir: str = typer.Argument("results/frontier", help="A bench frontier output folder."),
     readme: str = typer.Option(None, help="Write the table into this README."),
 ) -> None:
-    """Regenerate frontier.md and frontier.png from RUN_DIR/frontier.json."""
+    """Regenerate recall_per_byte.md and .png from RUN_DIR/recall_per_byte.json."""
     from pathlib import Path
 
     from kvfree.bench import frontier as F
@@ -62,8 +62,8 @@ def report_frontier(
 
     def render(result: dict) -> str:
         md = F.markdown(result)
-        atomic_write(Path(run_dir) / "frontier.md", md + "\n")
-        F.plot(result, Path(run_dir) / "frontier.png")
+        atomic_write(Path(run_dir) / "recall_per_byte.md", md + "\n")
+        F.plot(result, Path(run_dir) / "recall_per_byte.png")
         return md
 
-    _from_json(run_dir, "frontier.json", "bench frontier", render, "frontier", readme)
+    _from_json(run_dir, "recall_per_byte.json", "bench frontier", render, "frontier", readme)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvfree.mixers import kv_quant as kvq
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, head_width
 from kvfree.mixers.rope import apply_rope
 from kvfree.state import State
 from kvfree.utils import unknown_keys_error
@@ -132,13 +132,7 @@ class Attention(Mixer):
                 f"num_heads={num_heads} must be a positive multiple of "
                 f"num_kv_heads={num_kv_heads} (GQA shares each KV head)"
             )
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
+        head_dim = head_width(d_model, num_heads, head_dim)
         if positions not in ("rope", "none"):
             raise unknown_keys_error("positions option", [positions], ["rope", "none"])
         if sink_positions not in ("absolute", "rolling"):

@@ -34,6 +34,17 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def head_width(d_model: int, num_heads: int, head_dim: int | None) -> int:
+    """``head_dim``, or d_model / num_heads when it is None (which must divide)."""
+    if head_dim is not None:
+        return head_dim
+    if d_model % num_heads:
+        raise ValueError(
+            f"d_model={d_model} is not divisible by num_heads={num_heads}; pass head_dim explicitly"
+        )
+    return d_model // num_heads
+
+
 def formula(*terms: tuple[str, str, str | None]) -> str:
     """``state_formula`` text from (symbols, numbers, note or None) terms:
     ``formula(("4·D", "4·64", "complex states"), ("(k−1)·D", "3·64", "conv buffer"))`` →

@@ -27,7 +27,7 @@ from torch import nn
 from kvfree import perf
 from kvfree.blocks import CausalConv1d
 from kvfree.linalg import l2norm
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, head_width
 from kvfree.mixers.delta_rule import delta_rule_chunked, delta_rule_step
 from kvfree.state import State, carried_dtype, mixed_nbytes
 
@@ -59,13 +59,7 @@ class DeltaNet(Mixer):
         super().__init__(d_model)
         if num_heads <= 0:
             raise ValueError(f"num_heads must be positive, got {num_heads}")
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
+        head_dim = head_width(d_model, num_heads, head_dim)
         dv = int(head_dim * expand_v)
         if head_dim <= 0 or dv <= 0:
             raise ValueError(

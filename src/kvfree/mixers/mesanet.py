@@ -50,7 +50,7 @@ from torch import nn
 
 from kvfree.blocks import CausalConv1d
 from kvfree.linalg import FallbackCounter, fp32_island, l2norm, segsum, spd_solve, upcast
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, head_width
 from kvfree.mixers.mesa_cg import cg_chunk_solve
 from kvfree.state import State, carried_dtype, mixed_nbytes
 
@@ -226,13 +226,7 @@ class MesaNet(Mixer):
         forget_bias_init: float | None = None,
     ):
         super().__init__(d_model)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
+        head_dim = head_width(d_model, num_heads, head_dim)
         if chunk_size < 1 or conv_size < 1:
             raise ValueError(
                 f"chunk_size and conv_size must be >= 1, got {chunk_size}, {conv_size}"

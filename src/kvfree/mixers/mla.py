@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, head_width
 from kvfree.mixers.rope import apply_rope
 from kvfree.state import State
 from kvfree.utils import unknown_keys_error
@@ -57,13 +57,7 @@ class MLA(Mixer):
         rope_base: float = 10000.0,
     ):
         super().__init__(d_model)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
+        head_dim = head_width(d_model, num_heads, head_dim)
         if positions not in ("rope", "none"):
             raise unknown_keys_error("positions option", [positions], ["rope", "none"])
         rope_dim = 0 if positions == "none" else (rope_dim or max(2, head_dim // 2))

@@ -46,7 +46,7 @@ from torch import nn
 from kvfree.blocks import CausalConv1d
 from kvfree.linalg import FallbackCounter, fp32_island, upcast
 from kvfree.mixers import ska_core as core
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, head_width
 from kvfree.state import State
 from kvfree.utils import unknown_keys_error
 
@@ -151,13 +151,7 @@ class SKA(Mixer):
                 f"leaks future tokens into mode={mode!r} (docs/ska.md §3); use norm='l2' for "
                 "causal modes, or mode='prefix'/'masked' with seqmax"
             )
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(
-                    f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                    "pass head_dim explicitly"
-                )
-            head_dim = d_model // num_heads
+        head_dim = head_width(d_model, num_heads, head_dim)
         for what, val in (
             ("num_heads", num_heads),
             ("rank", rank),
