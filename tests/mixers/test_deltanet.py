@@ -8,10 +8,11 @@ from kvfree.mixers.deltanet import DeltaNetState
 from tests.contract import F64, MixerContract, assert_close, err_ratio
 
 
-def delta_layer_reference(m, x, state, gated: bool):
+def delta_layer_reference(m, x, state, gated: bool, channel: bool = False):
     """Plain per-token (Gated) DeltaNet layer: conv window + SiLU, l2norm, β = σ(b),
-    [α = exp(−exp(A_log)·softplus(a + dt_bias))], S = α(I − β k kᵀ) S + β k vᵀ,
-    o = scale·Sᵀq, RMSNorm over d_v [⊙ SiLU(r)], o_proj."""
+    [α = exp(−exp(A_log)·softplus(a + dt_bias))], S = (I − β k kᵀ) Diag(α) S + β k vᵀ,
+    o = scale·Sᵀq, RMSNorm over d_v [⊙ SiLU(r)], o_proj. ``channel``: α per key channel (KDA,
+    a has H·d_k logits), else one per head."""
     Bsz, T, _ = x.shape
     H, dk, dv, K, Cq = m.H, m.dk, m.dv, m.conv_size, m.qkv_dim
     S = state.S if state is not None else x.new_zeros(Bsz, H, dk, dv)
@@ -33,16 +34,18 @@ def delta_layer_reference(m, x, state, gated: bool):
         k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
         v = c[:, 2 * H * dk :].reshape(Bsz, H, dv)
         beta = torch.sigmoid(u[:, Cq : Cq + H])[..., None, None]
-        alpha = 1.0
+        alpha, na = 1.0, (H * dk if channel else H)
         if gated:
-            a = u[:, Cq + H : Cq + 2 * H]
-            alpha = torch.exp(-torch.exp(m.A_log) * F.softplus(a + m.dt_bias))[..., None, None]
+            a = u[:, Cq + H : Cq + H + na]
+            A = torch.exp(m.A_log).repeat_interleave(dk) if channel else torch.exp(m.A_log)
+            alpha = torch.exp(-A * F.softplus(a + m.dt_bias))
+            alpha = alpha.reshape(Bsz, H, dk, 1) if channel else alpha[..., None, None]
         kkT = k[..., :, None] * k[..., None, :]
-        S = alpha * (eye - beta * kkT) @ S + beta * k[..., :, None] * v[..., None, :]
+        S = (eye - beta * kkT) @ (alpha * S) + beta * k[..., :, None] * v[..., None, :]
         o = m.scale * torch.einsum("bhkv,bhk->bhv", S, q)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + m.o_norm.eps) * m.o_norm.weight
         if gated:
-            o = o * F.silu(u[:, Cq + 2 * H :].reshape(Bsz, H, dv))
+            o = o * F.silu(u[:, Cq + H + na :].reshape(Bsz, H, dv))
         ys.append(m.o_proj(o.reshape(Bsz, H * dv)))
     return torch.stack(ys, 1), DeltaNetState(S, torch.stack(hist[len(hist) - (K - 1) :], 1))
 

@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "mamba2": "kvfree.mixers.mamba2:Mamba2",
     "deltanet": "kvfree.mixers.deltanet:DeltaNet",
     "gated_deltanet": "kvfree.mixers.gated_deltanet:GatedDeltaNet",
+    "kda": "kvfree.mixers.kda:KimiDeltaAttention",
     "mesanet": "kvfree.mixers.mesanet:MesaNet",
     "ska": "kvfree.mixers.ska:SKA",
     "fan": "kvfree.mixers.fan:FanScan",

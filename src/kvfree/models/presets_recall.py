@@ -12,6 +12,7 @@
 | recall-gdn-ska           | gated_deltanet, ska (recipe)  | fixed                                 |
 | recall-mesanet           | mesanet ×2 (2 h, CG solve)    | fixed                                 |
 | recall-fdm               | fdm ×2 (MQAR variant)         | fixed: scan + global top-16 cache     |
+| recall-kda               | kda ×2 (2 h, per-channel α)   | fixed                                 |
 | recall-mla               | mla ×2 (d_c 32, d_r 16)       | latent cache: 48 values per token     |
 | recall-gdn-attn          | gated_deltanet, attention     | hybrid: grows in the attention layer  |
 | recall-gdn-swa           | gated_deltanet, attention W64 | hybrid: fixed (GDN + a 64-token ring) |
@@ -101,6 +102,7 @@ PRESETS = {
         ["mamba2", "ska"], mamba2=_MAMBA, ska=dict(_SKA, mode="prefix", norm="seqmax")
     ),
     "recall-mesanet": lambda: _cfg(["mesanet", "mesanet"], mesanet=dict(MESANET_RECIPE)),
+    "recall-kda": lambda: _cfg(["kda", "kda"], kda=dict(num_heads=2, chunk_size=16)),
     "recall-mla": lambda: _cfg(
         ["mla", "mla"], mla=dict(num_heads=2, latent_dim=32, rope_dim=16, positions="rope")
     ),
