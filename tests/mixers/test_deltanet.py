@@ -89,11 +89,16 @@ def core_inputs(T, *, b=2, H=3, dk=8, dv=5, gated=False, g_scale=1.0, seed=0, dt
 
 
 def check_core_against_naive(T, chunk, gated, g_scale=1.0):
-    ins = [t.requires_grad_(True) for t in core_inputs(T, gated=gated, g_scale=g_scale)]
+    compare_core(core_inputs(T, gated=gated, g_scale=g_scale), naive_delta_rule, chunk)
+
+
+def compare_core(inputs, naive, chunk):
+    """Chunked core = ``naive(q, k, v, β, S0, scale, g)``: outputs, final state, gradients."""
+    ins = [t.requires_grad_(True) for t in inputs]
     q, k, v, beta, S0 = ins[:5]
-    g = ins[5] if gated else None
+    g = ins[5] if len(ins) > 5 else None
     o, S = delta_rule_chunked(q, k, v, beta, S0, g=g, scale=0.7, chunk_size=chunk)
-    o_ref, S_ref = naive_delta_rule(q, k, v, beta, S0, 0.7, g)
+    o_ref, S_ref = naive(q, k, v, beta, S0, 0.7, g)
     assert_close("output", o_ref, o, **F64)
     assert_close("state", S_ref, S, **F64)
     w1, w2 = torch.randn_like(o), torch.randn_like(S)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kvfree.mixers import build_mixer
 from kvfree.mixers.delta_rule import delta_rule_chunked
 from tests.contract import F64, MixerContract, assert_close, err_ratio
-from tests.mixers.test_deltanet import core_inputs, delta_layer_reference
+from tests.mixers.test_deltanet import compare_core, core_inputs, delta_layer_reference
 
 
 class TestKDA(MixerContract):
@@ -24,7 +24,7 @@ class TestKDA(MixerContract):
         return delta_layer_reference(m, x, state, gated=True, channel=True)
 
 
-def naive_channel_rule(q, k, v, beta, S0, g, scale):
+def naive_channel_rule(q, k, v, beta, S0, scale, g):
     """S_t = (I − β k kᵀ) Diag(e^{g_t}) S_{t−1} + β k vᵀ, o_t = scale·S_tᵀ q_t (per token)."""
     S, out = S0, []
     for t in range(q.shape[1]):
@@ -46,16 +46,7 @@ def channel_inputs(T, g_scale, dtype=torch.float64):
 @pytest.mark.parametrize("chunk", [16, 64])
 @pytest.mark.parametrize("g_scale", [0.5, 8.0])
 def test_channel_core_equals_recurrence(chunk, g_scale):
-    ins = [t.requires_grad_(True) for t in channel_inputs(150, g_scale)]
-    o, S = delta_rule_chunked(*ins[:5], g=ins[5], scale=0.7, chunk_size=chunk)
-    o_ref, S_ref = naive_channel_rule(*ins, 0.7)
-    assert_close("output", o_ref, o, **F64)
-    assert_close("state", S_ref, S, **F64)
-    w1, w2 = torch.randn_like(o), torch.randn_like(S)
-    grads = torch.autograd.grad((o * w1).sum() + (S * w2).sum(), ins)
-    grads_ref = torch.autograd.grad((o_ref * w1).sum() + (S_ref * w2).sum(), ins)
-    for name, a, b in zip(("q", "k", "v", "beta", "S0", "g"), grads_ref, grads):
-        assert_close(f"gradient of {name}", a, b, **F64)
+    compare_core(channel_inputs(150, g_scale), naive_channel_rule, chunk)
 
 
 def test_equal_channels_are_gated_deltanet():
