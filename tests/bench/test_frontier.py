@@ -18,13 +18,27 @@ def test_frontier_points_table_and_plot(tmp_path):
     g = grid("cpu", steps=2, eval_every=0, n_test=4, n_val=4, patience=0,
              cells=[{"num_kv_pairs": 4, "gap": 8}, {"num_kv_pairs": 8, "gap": 16}],
              train_cells=[{"num_kv_pairs": 4, "gap": 8}])  # fmt: skip
-    specs = [s for ss in fams.values() for s in ss]
+    post = {
+        "int8 KV": [("recall-attention[attention.num_kv_heads=1]",
+                     "recall-attention[attention.num_kv_heads=1,attention.kv_bits=8]", "int8")],
+        "decode check": [("recall-attention[attention.num_kv_heads=1]",
+                          "recall-attention[attention.num_kv_heads=1]", "decode")],
+    }  # fmt: skip
+    specs = F.models_to_train(fams, post)
+    assert specs == [s for ss in fams.values() for s in ss]  # the base is trained once
     run(g, specs, [0, 1], tmp_path, device="cpu", progress=False, plots=False)
-    res = F.write(tmp_path, fams)
+    res = F.write(tmp_path, fams, post)
     pts = {p["model"]: p for p in res["points"]}
-    assert set(pts) == set(specs)
+    assert set(pts) == set(specs) | {"int8", "decode"}
+    base = pts["recall-attention[attention.num_kv_heads=1]"]
+    # the decode path of the trained model reproduces its parallel test accuracy and bytes
+    assert pts["decode"]["accuracy"] == pytest.approx(base["accuracy"], abs=1e-9)
+    assert pts["decode"]["state_bytes"] < base["state_bytes"]  # one token fewer cached
+    assert pts["int8"]["state_bytes"] < pts["decode"]["state_bytes"] / 2  # codes + scales
+    specs = [s for ss in fams.values() for s in ss]
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    for spec, p in pts.items():
+    for spec in specs:
+        p = pts[spec]
         longest = [r for r in rows if r["model"] == spec and r["seq_len"] == p["longest_seq_len"]]
         assert p["state_bytes"] == longest[0]["state_bytes"] and p["seeds"] == 2
         accs = [r["test_acc"] for r in rows if r["model"] == spec]
@@ -42,5 +56,7 @@ def test_frontier_points_table_and_plot(tmp_path):
 def test_unknown_preset_or_family():
     with pytest.raises(ValueError, match="preset"):
         F.families("huge")
+    fams, post = F.families("cpu", ["H2O (token budget)"])
+    assert not fams and F.models_to_train(fams, post) == ["recall-attention"]
     with pytest.raises(ValueError, match="families"):
         F.families("cpu", ["transformers"])

@@ -11,9 +11,13 @@ Drawn with the points: the information floor N·log₂V_values bits of the large
 holding all N pairs can be smaller at accuracy 1) and zoology's published points (another task and
 grid: a reference, labelled).
 
-Quantised and evicting caches (``attention(kv_bits=…)``, ``attention_h2o``, ``attention_snapkv``)
-are evaluated on a trained full-attention model, not trained: they join the axis once the bench
-evaluates through decode (not yet).
+Quantised and evicting caches (:data:`POST_TRAINING`: ``attention(kv_bits=8|4)``,
+``attention_h2o``, ``attention_snapkv`` at token budgets) are not trained: each is the trained
+full-attention model of the same seed with its cache replaced (the parameters are the same),
+evaluated through **decode** — the prompt up to the first query prefilled (H2O and SnapKV cut
+it there), then one ``step`` per token — on the same test sets, bytes measured on that decode
+state. The trained model itself is evaluated the same way as a check (``decode check`` row: it
+must equal its parallel accuracy).
 """
 
 from __future__ import annotations
@@ -65,6 +69,35 @@ PRESETS["gpu"] = {
     "hybrid GDN + window": ["recall-gdn-swa", "recall-gdn-attn"],
     "MesaNet": ["recall-mesanet"],
 }
+
+
+def _evicting(kind: str, budget: int) -> str:
+    layer = f"attention_{kind}"
+    opts = {"num_heads": 2, "positions": "rope", "budget": budget}
+    return (
+        f'recall-attention[layers=["{layer}","{layer}"],mixer_options='
+        f"{json.dumps({layer: opts}, separators=(',', ':'))}]"
+    )
+
+
+_BASE = "recall-attention"
+#: preset -> {family: [(trained base spec, post-training variant spec, label)]}, smallest first
+POST_TRAINING: dict[str, dict[str, list[tuple[str, str, str]]]] = {
+    "cpu": {
+        "int4 / int8 KV cache (per token)": [
+            (_BASE, f"{_BASE}[attention.kv_bits={b}]", f"{_BASE} + int{b} KV") for b in (4, 8)
+        ],
+        "H2O (token budget)": [
+            (_BASE, _evicting("h2o", B), f"{_BASE} + H2O, B = {B}") for B in (32, 128)
+        ],
+        "SnapKV (token budget)": [
+            (_BASE, _evicting("snapkv", B), f"{_BASE} + SnapKV, B = {B}") for B in (32, 128)
+        ],
+        "decode check": [(_BASE, _BASE, f"{_BASE} through decode")],
+    },
+}
+POST_TRAINING["gpu"] = POST_TRAINING["cpu"]
+
 #: zoology's figure (docs/frontier.md §1): (family, fp32 state bytes, mean MQAR accuracy over its 7
 #: test slices, best LR) read off a plot (±0.02 / ±10 %) — another grid, a reference only
 ZOOLOGY = [
@@ -79,14 +112,23 @@ ZOOLOGY = [
 THRESHOLDS = (0.9, 0.99)
 
 
-def families(preset: str, only: list[str] | None = None) -> dict[str, list[str]]:
+def families(preset: str, only: list[str] | None = None) -> tuple[dict, dict]:
+    """(trained families {family: [specs]}, post-training families {family: [(base, variant)]})
+    of ``preset``, restricted to ``only``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown frontier preset {preset!r}; choose from {list(PRESETS)}")
-    fams = PRESETS[preset]
-    bad = [f for f in only or [] if f not in fams]
+    fams, post = PRESETS[preset], POST_TRAINING[preset]
+    bad = [f for f in only or [] if f not in fams and f not in post]
     if bad:
-        raise ValueError(f"unknown families {bad}; {preset} has {list(fams)}")
-    return {f: s for f, s in fams.items() if not only or f in only}
+        raise ValueError(f"unknown families {bad}; {preset} has {list(fams) + list(post)}")
+    keep = lambda d: {f: v for f, v in d.items() if not only or f in only}  # noqa: E731
+    return keep(fams), keep(post)
+
+
+def models_to_train(fams: dict, post: dict) -> list[str]:
+    """Every trained spec, and the base of every post-training variant, once."""
+    specs = [s for ss in fams.values() for s in ss] + [p[0] for ps in post.values() for p in ps]
+    return list(dict.fromkeys(specs))
 
 
 def information_floor_bytes(task: str, cells: list[dict]) -> float | None:
@@ -154,7 +196,7 @@ def markdown(result: dict) -> str:
     table = [
         {
             "family": p["family"],
-            "model": f"`{p['model']}`",
+            "model": f"`{p['model']}`" + (" (decode)" if p.get("evaluated") else ""),
             "state bytes": f"{p['state_bytes']:,}",
             "accuracy": f"{p['accuracy']:.3f}"
             + (f" ({p['acc_min']:.3f}–{p['acc_max']:.3f})" if p["seeds"] > 1 else ""),
@@ -209,18 +251,22 @@ def plot(result: dict, path) -> Path:
     return out
 
 
-def write(out_dir: str | Path, fams: dict[str, list[str]]) -> dict:
-    """recall_per_byte.json / .md / .png from the recall results in ``out_dir``."""
+def write(out_dir: str | Path, fams: dict[str, list[str]], post: dict | None = None) -> dict:
+    """recall_per_byte.json / .md / .png from the recall results in ``out_dir`` (and the
+    post-training variants, evaluated here through decode)."""
+    from kvfree.bench.frontier_decode import post_training_points, rows_of
     from kvfree.report.tables import atomic_write, write_json
 
     out_dir = Path(out_dir)
-    rows = [json.loads(x) for x in (out_dir / "results.jsonl").read_text().splitlines() if x]
+    rows = rows_of(out_dir)
     meta = json.loads((out_dir / "summary.json").read_text())["meta"]
     g = meta["grid"]
+    pts = points(rows, fams) + post_training_points(out_dir, g, rows, post or {})
     result = {
         "benchmark": "frontier",
         "families": fams,
-        "points": points(rows, fams),
+        "post_training": post or {},
+        "points": pts,
         "floor_bytes": information_floor_bytes(g["task"], g["cells"]),
         "meta": {"grid": g["name"], "seeds": meta["seeds"], "env": meta.get("env", {})},
     }

@@ -391,9 +391,16 @@ def run_job(
         },
         "env": environment(device),
     }
+    # the trained weights (no optimizer): post-training variants — a quantised or evicting KV
+    # cache on a trained attention model (bench frontier) — are evaluated on them
+    torch.save(model.state_dict(), weights_path(out_dir, job))
     write_json(out_dir / "jobs" / f"{job.id}.json", result)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
+
+
+def weights_path(out_dir: Path, job: Job) -> Path:
+    return Path(out_dir) / "jobs" / f"{job.id}.weights.pt"
 
 
 def _ska_probe(grid: RecallGrid, job: Job, model, val_sets: dict, mask, device):

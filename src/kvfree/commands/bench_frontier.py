@@ -26,19 +26,20 @@ def bench_frontier(
     from kvfree.bench.recall_grid import grid as get_grid
 
     only = [f.strip() for f in (families or "").split(",") if f.strip()]
-    fams = F.families(preset, only)
+    fams, post = F.families(preset, only)
     if list_:
         for fam, specs in fams.items():
             print(f"{fam}: " + ", ".join(specs))
+        for fam, pairs in post.items():
+            print(f"{fam} (post-training, through decode): " + ", ".join(p[2] for p in pairs))
         return
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     g = get_grid(grid)
-    specs = [s for ss in fams.values() for s in ss]
-    run(g, specs, seed_list, out, workers=workers, threads=threads)
-    res = F.write(out, fams)
+    run(g, F.models_to_train(fams, post), seed_list, out, workers=workers, threads=threads)
+    res = F.write(out, fams, post)
     print(res["markdown"])
     print("wrote " + ", ".join(res["files"]))
     if readme:
