@@ -222,7 +222,7 @@ def plot(result: dict, path) -> Path:
     from kvfree.report.plots import _plt, _save
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     pts = result["points"]
     for i, family in enumerate(dict.fromkeys(p["family"] for p in pts)):
         fp = sorted((p for p in pts if p["family"] == family), key=lambda p: p["state_bytes"])
@@ -232,7 +232,9 @@ def plot(result: dict, path) -> Path:
             [p["accuracy"] - p["acc_min"] for p in fp],
             [p["acc_max"] - p["accuracy"] for p in fp],
         ]
-        ax.errorbar(x, y, yerr=err, marker="o", lw=1.4, capsize=2, color=f"C{i}", label=family)
+        ax.errorbar(
+            x, y, yerr=err, marker="o", lw=1.4, capsize=2, color=plt.cm.tab20(i % 20), label=family
+        )
     zx = [b for _, b, _ in ZOOLOGY]
     ax.scatter(zx, [a for *_, a in ZOOLOGY], marker="x", color="grey", s=22, zorder=3,
                label="zoology's figure (another grid; reference)")  # fmt: skip
@@ -244,7 +246,9 @@ def plot(result: dict, path) -> Path:
     ax.set_xlabel("decode-state bytes at the longest cell (fp32, all layers)")
     ax.set_ylabel("test accuracy (mean over cells)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(
+        fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5)
+    )  # outside: no points hidden
     ax.set_title("recall per byte (bars: min–max over seeds)", fontsize=9)
     out = _save(fig, path)
     plt.close(fig)
