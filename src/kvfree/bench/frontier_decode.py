@@ -45,7 +45,9 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
 
     from kvfree.bench.recall import _cell_data, build_model
     from kvfree.bench.recall_grid import RecallGrid, cell_key
+    from kvfree.utils import default_device
 
+    device = default_device()
     grid = RecallGrid.from_dict(grid_dict)
     test = {cell_key(c): _cell_data(grid, c, "test", grid.n_test) for c in grid.cells}
     longest = max(test, key=lambda k: test[k].seq_len)
@@ -59,10 +61,11 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: rerun the base model {base!r}")
                 model, _ = build_model(variant, test[longest].vocab_size, seed)
-                model.load_state_dict(torch.load(path, weights_only=True))
+                model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+                model.to(device)
                 accs = []
                 for key, data in test.items():
-                    acc, b = decode_accuracy(model, data, "cpu")
+                    acc, b = decode_accuracy(model, data, device)
                     accs.append(acc)
                     nbytes = b if key == longest else nbytes
                 per_seed.append(float(np.mean(accs)))
