@@ -266,6 +266,74 @@ class MixerContract:
         assert_close("property split", y, torch.cat([y1, y2], 1), **F64)
         assert_states_close("property state", s, s2, **F64)
 
+    # --- padded batches (prompts of different lengths, docs/design.md §1) ------------------------
+    pad_lengths: tuple[int, ...] = (37, 30, 1, 20)  # tokens per row of a left-padded batch
+
+    def padded_batch(self):
+        """x [B, T, D] whose row b holds its prompt in the last n_b positions (garbage before),
+        the left_pad counts, and decode inputs for a few steps after it."""
+        T = max(self.pad_lengths)
+        B = len(self.pad_lengths)
+        left_pad = torch.tensor([T - n for n in self.pad_lengths])
+        return self.inputs(T, batch=B, seed=3), left_pad, self.inputs(5, batch=B, seed=4)
+
+    def test_padded_batch(self, cfg):
+        """Row by row, a padded batch gives what each prompt gives alone: outputs (zero at the
+        padding), the decode steps after it, and the same after a prefill in two chunks where
+        short rows are all padding in the first (causal mixers)."""
+        mixer = self.make(cfg)
+        x, left_pad, xs = self.padded_batch()
+        mask = self.mask_for(x, cfg)
+        if not mixer.supports_padding:
+            with pytest.raises(ValueError, match="padded batches"):
+                mixer(x, None, mask, left_pad=left_pad)
+            return
+        a = 12
+        with torch.no_grad():
+            y, s = mixer(x, None, mask, left_pad=left_pad)
+            ys, _ = run_steps(mixer, xs, s)
+            if mixer.causal:
+                m1, m2 = (None, None) if mask is None else (mask[:, :a], mask[:, a:])
+                y1, s1 = mixer(x[:, :a], None, m1, left_pad=left_pad.clamp(max=a))
+                y2, s2 = mixer(x[:, a:], s1, m2, left_pad=(left_pad - a).clamp(min=0))
+                ys2, _ = run_steps(mixer, xs, s2)
+                y12 = torch.cat([y1, y2], 1)
+        for b, p in enumerate(left_pad.tolist()):
+            with torch.no_grad():
+                y_b, s_b = mixer(
+                    x[b : b + 1, p:], None, None if mask is None else mask[b : b + 1, p:]
+                )
+                ys_b, _ = run_steps(mixer, xs[b : b + 1], s_b)
+            assert_close(f"row {b} output", y_b[0], y[b, p:], **F64)
+            assert not y[b, :p].any(), f"row {b}: padded outputs are not zero"
+            assert_close(f"row {b} steps after the padded prefill", ys_b[0], ys[b], **F64)
+            if mixer.causal:
+                assert_close(f"row {b} output, two chunks", y_b[0], y12[b, p:], **F64)
+                assert_close(f"row {b} steps after two chunks", ys_b[0], ys2[b], **F64)
+
+    def test_padded_batch_gradients(self, cfg):
+        """Parameter gradients of a loss over a padded batch's tokens equal the sum over its
+        prompts run alone (nothing leaks from the padding, no NaN from fully masked rows)."""
+        mixer = self.make(cfg)
+        if not mixer.supports_padding:
+            pytest.skip(
+                f"{self.name} does not take padded batches (test_padded_batch checks it says so)"
+            )
+        x, left_pad, _ = self.padded_batch()
+        w = self.inputs(x.shape[1], batch=x.shape[0], seed=9)
+        mask = self.mask_for(x, cfg)
+        mixer.zero_grad(set_to_none=True)
+        y, _ = mixer(x, None, mask, left_pad=left_pad)
+        (y * w).sum().backward()
+        padded = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
+        mixer.zero_grad(set_to_none=True)
+        for b, p in enumerate(left_pad.tolist()):
+            y_b, _ = mixer(x[b : b + 1, p:], None, None if mask is None else mask[b : b + 1, p:])
+            (y_b * w[b : b + 1, p:]).sum().backward()
+        for n, p in mixer.named_parameters():
+            if p.grad is not None:
+                assert_close(f"gradient of {n}", p.grad, padded[n], **F64)
+
     def test_bad_input_errors(self):
         mixer = self.make(self.configs[0])
         with pytest.raises(ValueError, match="d_model"):

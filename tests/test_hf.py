@@ -72,15 +72,49 @@ def test_save_and_load_round_trip_is_bit_exact(tmp_path):
     )
 
 
-def test_padding_and_beam_search_are_refused_with_a_message():
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(kind):
+    model, hf = _pair(kind)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, V, (n,), generator=g) for n in (9, 4, 1)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, 9 - len(p) :], mask[b, 9 - len(p) :] = p, 1
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for b, p in enumerate(prompts):
+        assert torch.equal(out[b, 9:], model.generate(p[None], 8)[0, len(p) :]), f"row {b}"
+
+
+def _beam_reference(model, ids, beams, steps):
+    """Beam search written for the test: every candidate re-scored from scratch by the parallel
+    forward, the ``beams`` best cumulative log-probabilities kept (no EOS, no length penalty)."""
+    seqs, scores = ids, torch.zeros(1, dtype=torch.float64)
+    for _ in range(steps):
+        with torch.no_grad():
+            logp = model(seqs)[0][:, -1].double().log_softmax(-1)  # [n, V]
+        total = (scores[:, None] + logp).flatten()
+        top = total.topk(beams).indices
+        seqs = torch.cat([seqs[top // V], (top % V)[:, None]], 1)
+        scores = total[top]
+    return seqs[0]
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_beam_search_reorders_the_state_and_finds_the_reference_beam(kind):
+    model, hf = _pair(kind)
+    ids = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(2))
+    out = hf.generate(
+        ids, max_new_tokens=6, num_beams=3, do_sample=False, length_penalty=0.0,
+        early_stopping=True, pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    assert torch.equal(out[0], _beam_reference(model, ids, 3, 6))
+
+
+def test_assisted_generation_is_refused():
     _, hf = _pair("fixed")
-    ids = torch.randint(1, V, (2, 5))
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="one length per batch"):
-        hf.generate(ids, attention_mask=mask, max_new_tokens=3)
-    with pytest.raises((NotImplementedError, ValueError)):
-        hf.generate(ids, max_new_tokens=3, num_beams=2)
+    with pytest.raises(ValueError):
+        hf.generate(torch.randint(1, V, (1, 5)), max_new_tokens=3, assistant_model=hf)
 
 
 def test_labels_give_the_next_token_loss():

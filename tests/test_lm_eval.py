@@ -21,7 +21,11 @@ MC = [
     {"question": "the cat sat on the", "choices": ["mat", "sky"], "answer": 0},
     {"question": "one two", "choices": ["three", "blue"], "answer": 0},
 ]
-GEN = [{"prompt": "the cat sat", "target": " on"}, {"prompt": "red green", "target": " blue"}]
+GEN = [
+    {"prompt": "the cat sat", "target": " on"},
+    {"prompt": "red green", "target": " blue"},
+    {"prompt": "one", "target": " two"},  # a shorter prompt: padded in a batch
+]
 
 
 def _task(root, name, rows, body):
@@ -57,7 +61,10 @@ def exported(tmp_path_factory):
     return root, model, tok
 
 
-def test_lm_eval_hf_reports_the_models_own_numbers(exported):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_lm_eval_hf_reports_the_models_own_numbers(exported, batch_size):
+    """batch_size 4 batches requests of different lengths: lm-eval pads them (left-padded
+    prompts with an attention_mask for generation) and still gets each request's own numbers."""
     from lm_eval.tasks import TaskManager
 
     root, model, tok = exported
@@ -66,7 +73,7 @@ def test_lm_eval_hf_reports_the_models_own_numbers(exported):
         model_args=f"pretrained={root / 'hf'},trust_remote_code=True",
         tasks=["kvfree_mc", "kvfree_gen"],
         task_manager=TaskManager(include_path=str(root)),
-        batch_size=1,
+        batch_size=batch_size,
         device="cpu",
         log_samples=True,
     )

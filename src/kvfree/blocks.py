@@ -141,8 +141,14 @@ class CausalConv1d(nn.Module):
     def _act(self, y: torch.Tensor) -> torch.Tensor:
         return F.silu(y) if self.activation == "silu" else y
 
-    def forward(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, buf: torch.Tensor, pad=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pad`` (:class:`kvfree.mixers.base.Padding`): padded inputs count as zeros, which
+        is exact because padding only precedes a row's first token (its buffer is still 0)."""
         T, k = x.shape[1], self.kernel_size
+        if pad is not None:
+            x = pad.zero(x)
         xx = torch.cat([buf.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
         new_buf = xx[:, xx.shape[1] - (k - 1) :]
         if perf.fast():  # k shifted multiply-adds, hand-written backward (perf.py, fused.py)
@@ -170,8 +176,8 @@ class ResidualBlock(nn.Module):
         self.norm2 = build_norm(norm, d_model) if mlp is not None else None
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, state: Any = None, mask=None):
-        h, state = self.mixer(self.norm1(x), state, mask)
+    def forward(self, x: torch.Tensor, state: Any = None, mask=None, left_pad=None):
+        h, state = self.mixer(self.norm1(x), state, mask, left_pad=left_pad)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))

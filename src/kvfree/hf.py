@@ -13,9 +13,13 @@ only the tokens the state has not seen yet: the prompt once (one parallel prefil
 segments for fixed-memory models), then one token per step (``LanguageModel.step``). So HF
 greedy and sampled generation compute exactly what ``LanguageModel.generate`` computes.
 
-Not yet supported (each refused with a message): batches with padding (an ``attention_mask``
-with zeros: the mixers take one length per batch), beam search and assisted generation (the
-state cannot be reordered or rolled back), ``inputs_embeds``.
+Prompts of different lengths: an ``attention_mask`` with zeros (left padding, as generate
+expects for decoder-only models; right padding works too) is passed to the prefill, so each row
+generates what its prompt generates alone (``LanguageModel``'s padding; layers that do not take
+padding say so). Beam search reorders the state's rows (:func:`kvfree.state.select_rows`).
+
+Not supported (each refused with a message): assisted generation (the state cannot be rolled
+back), ``inputs_embeds``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
 
 from kvfree.models import LanguageModel, ModelConfig
 from kvfree.models.lm import ModelState
-from kvfree.state import state_bytes
+from kvfree.state import select_rows, state_bytes
 
 _CACHE_NAMES = ("cache", "past_key_values")
 #: the name generate reads the state back from: ``cache`` since transformers 5
@@ -107,12 +111,12 @@ else:  # transformers 4.x
         past_key_values: KvfreeCache | None = None
 
 
-def _reject_padding(attention_mask) -> None:
-    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
-        raise ValueError(
-            "kvfree models take one length per batch (no padding yet): generate prompts of "
-            "different lengths one at a time, or pass an attention_mask of ones"
-        )
+def _new_part(attention_mask, n: int):
+    """The attention mask of the ``n`` newest tokens (None: no mask, or no padding in it)."""
+    if attention_mask is None:
+        return None
+    am = torch.as_tensor(attention_mask)[:, -n:]
+    return None if bool(am.all()) else am
 
 
 class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -161,18 +165,22 @@ class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
         ``logits_to_keep=1``, what generate asks for, the last position's logits only)."""
         if inputs_embeds is not None:
             raise ValueError("kvfree models take input_ids, not inputs_embeds")
-        _reject_padding(attention_mask)
+        am = _new_part(attention_mask, input_ids.shape[1])
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         state = cache.state if isinstance(cache, KvfreeCache) else None
         if state is not None and input_ids.shape[1] == 1 and labels is None:
+            if am is not None:
+                raise ValueError("a decoded token cannot be padding (attention_mask 0)")
             logits, state = self.model.step(input_ids[:, 0], state)
             logits = logits[:, None]
         elif labels is None and not torch.is_grad_enabled():
             last = logits_to_keep == 1
-            logits, state = self.model.prefill(input_ids, state=state, last_only=last)
+            logits, state = self.model.prefill(
+                input_ids, state=state, last_only=last, attention_mask=am
+            )
             logits = logits[:, None] if last else logits
         else:
-            logits, state = self.model(input_ids, state)
+            logits, state = self.model(input_ids, state, attention_mask=am)
         loss = None
         if labels is not None:  # next-token loss, labels shifted inside (the HF convention)
             loss = torch.nn.functional.cross_entropy(
@@ -185,16 +193,18 @@ class KvfreeForCausalLM(PreTrainedModel, GenerationMixin):
         """Only the tokens the state has not seen: the prompt first, then the new token."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("kvfree models take input_ids, not inputs_embeds")
-        _reject_padding(attention_mask)
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         seen = cache.get_seq_length() if isinstance(cache, KvfreeCache) else 0
-        inputs = {"input_ids": input_ids[:, seen:]}
+        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask}
         if isinstance(cache, KvfreeCache):
             inputs[CACHE_FIELD] = cache
         return inputs
 
     def _reorder_cache(self, cache, beam_idx):
-        raise NotImplementedError("beam search is not supported for kvfree models yet")
+        """Beam search: the state of the beams it keeps (rows ``beam_idx``, repeats allowed)."""
+        if not isinstance(cache, KvfreeCache) or cache.state is None:
+            return cache
+        return KvfreeCache(select_rows(cache.state, beam_idx))
 
 
 #: written next to config.json by :func:`export_pretrained`, named in its ``auto_map``: loaders

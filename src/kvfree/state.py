@@ -20,6 +20,11 @@ class State:
     """Base class for mixer states (optional; any dataclass of tensors works)."""
 
 
+class RowInts(tuple):
+    """Per-row integers kept as metadata in a state (e.g. each row's leading padding slots):
+    not counted as carried bytes, reordered with the rows by :func:`select_rows`."""
+
+
 def carried_dtype(dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype recurrent states and statistics are carried in for a model in ``dtype``
     (default: torch's default dtype): float64 stays float64, everything else — fp32, bf16,
@@ -57,6 +62,8 @@ def map_tensors(state: Any, fn) -> Any:
     """Apply ``fn`` to every tensor in a (nested) state, returning a new state."""
     if isinstance(state, torch.Tensor):
         return fn(state)
+    if isinstance(state, RowInts):
+        return state
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
         return dataclasses.replace(
             state,
@@ -81,3 +88,30 @@ def iter_tensors(state: Any):
     out: list[torch.Tensor] = []
     map_tensors(state, lambda t: out.append(t) or t)
     yield from out
+
+
+def select_rows(state: Any, rows: torch.Tensor) -> Any:
+    """The state of batch rows ``rows`` (indices [n], repeats allowed): every tensor is indexed
+    along its first (batch) dimension, per-row metadata (:class:`RowInts`) likewise — what beam
+    search does to the state when it reorders its beams."""
+    order = rows.tolist()
+
+    def pick(t):
+        return t.index_select(0, rows.to(t.device)) if t.dim() else t
+
+    def walk(s):
+        if isinstance(s, RowInts):
+            return RowInts(s[i] for i in order)
+        if isinstance(s, torch.Tensor):
+            return pick(s)
+        if dataclasses.is_dataclass(s) and not isinstance(s, type):
+            return dataclasses.replace(
+                s, **{f.name: walk(getattr(s, f.name)) for f in dataclasses.fields(s)}
+            )
+        if isinstance(s, (list, tuple)):
+            return type(s)(walk(x) for x in s)
+        if isinstance(s, dict):
+            return {k: walk(v) for k, v in s.items()}
+        return s
+
+    return walk(state)

@@ -162,3 +162,29 @@ def test_bad_options():
         build_mixer("attention_snapkv", D, budget=4, obs_window=4)
     with pytest.raises(ValueError, match="window"):
         build_mixer("attention_h2o", D, window=8)
+
+
+@pytest.mark.parametrize(
+    "name, opts",
+    [
+        ("attention_h2o", dict(budget=8, recent=3)),
+        ("attention_snapkv", dict(budget=8, obs_window=3, pool=3)),
+    ],
+)
+def test_a_padded_batch_keeps_and_computes_what_each_prompt_does_alone(name, opts):
+    """Prompts of 23, 9, 1 and 15 tokens, left-padded, over a budget of 8: the padding is
+    never read and evicted first, so each row's prefill and 12 decode steps (H2O evicting
+    every step) equal its prompt's alone."""
+    _, m = pair(name, **opts)
+    lengths = (23, 9, 1, 15)
+    T = max(lengths)
+    x, xs = x_of(T, B=4, seed=3), x_of(12, B=4, seed=4)
+    left_pad = torch.tensor([T - n for n in lengths])
+    with torch.no_grad():
+        y, s = m(x, left_pad=left_pad)
+        ys, _ = run_steps(m, xs, s)
+        for b, p in enumerate(left_pad.tolist()):
+            y_b, s_b = m(x[b : b + 1, p:])
+            ys_b, _ = run_steps(m, xs[b : b + 1], s_b)
+            assert_close(f"row {b} prefill", y_b[0], y[b, p:], **F64)
+            assert_close(f"row {b} decode", ys_b[0], ys[b], **F64)

@@ -145,7 +145,13 @@ def test_fp32_island_under_bf16_autocast(mode):
     mask = torch.ones(B, T) if mode == "prefix" else None
 
     def run(model, dtype, autocast):
-        model._project = lambda x, conv: (z.to(dtype), q.to(dtype), v.to(dtype), None, conv)
+        model._project = lambda x, conv, pad=None: (
+            z.to(dtype),
+            q.to(dtype),
+            v.to(dtype),
+            None,
+            conv,
+        )
         xx = torch.zeros(B, T, D, dtype=dtype)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return core_out(model, xx, None, None if mask is None else mask.to(dtype))

@@ -42,14 +42,20 @@ Sink position policies (window + sinks):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvfree.mixers import kv_quant as kvq
-from kvfree.mixers.base import Mixer, head_width
+from kvfree.mixers.base import (
+    Mixer,
+    grow_padding,
+    head_width,
+    key_padding_mask,
+    row_positions,
+)
 from kvfree.mixers.rope import apply_rope
 from kvfree.state import State
 from kvfree.utils import unknown_keys_error
@@ -73,6 +79,7 @@ class KVCache(State):
     start: int = 0  # ring offset (window only; 0 until the ring is full)
     sinks: int = 0  # s
     window: int = 0  # W; 0 = full causal attention
+    pad: tuple[int, ...] | None = None  # leading padding slots per row (left-padded prompts)
 
     def carried_bytes(self) -> int:
         """Bytes of the filled entries: 2·filled·B·n_kv·d_h·b (spare capacity not counted)."""
@@ -104,6 +111,7 @@ class Attention(Mixer):
     the module docstring."""
 
     name = "attention"
+    supports_padding = True
     #: Class default is full attention (grows with T); window variants set True per instance.
     fixed_memory = False
 
@@ -165,6 +173,8 @@ class Attention(Mixer):
         self.q_block, self.max_len = q_block, max_len
         self.rolling = sink_positions == "rolling" and positions == "rope"
         self.fixed_memory = window is not None
+        # sinks are each row's first tokens, which padding moves: no padded batches with sinks
+        self.supports_padding = type(self).supports_padding and not sinks
         self.q_proj = nn.Linear(d_model, self.H * self.dh, bias=False)
         self.k_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
         self.v_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
@@ -294,12 +304,15 @@ class Attention(Mixer):
         return apply_rope(t, pos, self.rope_base) if self.positions == "rope" else t
 
     def _sdpa(self, q, k, v, mask):
-        """q [B, H, n, e], k [B, n_kv, m, e], v [B, n_kv, m, d_h], mask [n, m] bool or None.
+        """q [B, H, n, e], k [B, n_kv, m, e], v [B, n_kv, m, d_h], mask [n, m] or [B, n, m]
+        bool or None.
         GQA without copying K/V: the g query heads of a KV head are stacked along the rows."""
         B, _, n, e = q.shape
         qg = q.reshape(B, self.n_kv, self.g * n, e).to(k.dtype)
         if mask is not None and self.g > 1:
-            mask = mask.repeat(self.g, 1)
+            mask = mask.repeat(*[1] * (mask.dim() - 2), self.g, 1)
+        if mask is not None and mask.dim() == 3:  # per row [B, n, m]: shared by the KV heads
+            mask = mask.unsqueeze(1)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.dh**-0.5)
         return o.reshape(B, self.H, n, self.dh)
 
@@ -309,20 +322,22 @@ class Attention(Mixer):
         return not (torch.is_grad_enabled() and (buf.requires_grad or new.requires_grad))
 
     # ----- parallel ------------------------------------------------------------------------
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         B, T, _ = x.shape
         self._check_state(state, B)
         T0 = state.length
+        rows = grow_padding(state.pad, T0, pad, type(self).__name__)
         q, k, v = self._project(x)
         pos = torch.arange(T0, T0 + T, device=x.device)
-        q_rot = self._rope(q, pos)
-        k_store = k if self.rolling else self._rope(k, pos)
+        q_rot = self._rope(q, row_positions(pos, rows))  # (no rolling policy with padding)
+        k_store = k if self.rolling else self._rope(k, row_positions(pos, rows))
         if self.kv_bits:
             K, V, new_state = self._extend_quantized(state, k_store, v)
-            o = self._blocks(q_rot, None, K, V, T0, 0, 0)
+            o = self._blocks(q_rot, None, K, V, T0, 0, 0, rows)
             y = o.transpose(1, 2).reshape(B, T, self.H * self.dh)
-            return self.o_proj(y.to(x.dtype)), new_state
+            return self.o_proj(y.to(x.dtype)), replace(new_state, pad=rows)
         K, V, new_state = self._extend(state, k_store.to(state.k.dtype), v.to(state.v.dtype))
+        new_state.pad = rows
         # key index i <-> position i for i < a, else tail0 + (i - a)   (K is chronological)
         a = min(state.filled, self.sinks)
         tail0 = T0 - (state.filled - a)
@@ -336,7 +351,7 @@ class Attention(Mixer):
             )
             K = apply_rope(K, kpos, self.rope_base)
             q_sink = apply_rope(q, pos.clamp_max(self.slots - 1), self.rope_base)
-        o = self._blocks(q_rot, q_sink, K, V, T0, a, tail0)  # [B, H, T, d_h]
+        o = self._blocks(q_rot, q_sink, K, V, T0, a, tail0, rows)  # [B, H, T, d_h]
         y = o.transpose(1, 2).reshape(B, T, self.H * self.dh)
         return self.o_proj(y.to(x.dtype)), new_state
 
@@ -378,9 +393,10 @@ class Attention(Mixer):
         V = torch.cat([state.values(self.kv_bits, v.dtype), v_hat], dim=2)
         return K, V, new_state
 
-    def _blocks(self, q, q_sink, K, V, T0, a, tail0):
+    def _blocks(self, q, q_sink, K, V, T0, a, tail0, rows=None):
         """Blockwise SDPA. q [B, H, T, d_h] at positions T0..T0+T−1; K, V chronological with
-        index↔position map (a, tail0); q_sink: queries rotated for sink keys (rolling only)."""
+        index↔position map (a, tail0); q_sink: queries rotated for sink keys (rolling only);
+        ``rows``: leading padding slots per row (hidden keys), None without padding."""
         T, dev = q.shape[2], q.device
         s, W = self.sinks, self.window
         n_sink = min(s, T0 + T)
@@ -395,6 +411,8 @@ class Attention(Mixer):
             vis = kp <= qp
             if W is not None:
                 vis = vis & (kp > qp - W)
+            if rows is not None:  # sinks are refused with padding: keys are kp
+                vis = vis & key_padding_mask(rows, kp[0], qp[:, 0])
             Kw, Vw, qb = K[:, :, lo:hi], V[:, :, lo:hi], q[:, :, b0:b1]
             if n_sink:
                 sp = torch.arange(n_sink, device=dev).unsqueeze(0)
@@ -412,19 +430,27 @@ class Attention(Mixer):
         B = x_t.shape[0]
         self._check_state(state, B)
         q, k, v = self._project(x_t.unsqueeze(1))  # [B, H, 1, d_h], [B, n_kv, 1, d_h]
-        pos = torch.full((1,), state.length, device=x_t.device)
+        pos = row_positions(torch.full((1,), state.length, device=x_t.device), state.pad)
         if not self.rolling:
             q, k = self._rope(q, pos), self._rope(k, pos)
         if self.kv_bits:
             K, V, new = self._extend_quantized(state, k, v)
-            o = self._sdpa(q, K, V, None)
-            return self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype)), new
+            keys = torch.arange(new.filled, device=x_t.device)
+            o = self._sdpa(q, K, V, key_padding_mask(state.pad, keys))
+            out = self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype))
+            return out, replace(new, pad=state.pad)
         new = self._append(state, k.to(state.k.dtype), v.to(state.v.dtype))
         K, V = new.k[:, :, : new.filled], new.v[:, :, : new.filled]  # slot order is irrelevant
+        vis = None
+        if new.pad is not None:  # absolute token index of each slot (no sinks with padding)
+            keys = torch.arange(new.filled, device=x_t.device)
+            if self.window is not None:
+                keys = new.length - new.filled + self._slot_positions(new, x_t.device)
+            vis = key_padding_mask(new.pad, keys)
         if self.rolling:  # re-rotate by slot rank (StreamingLLM): query at the last slot
             K = apply_rope(K, self._slot_positions(new, x_t.device), self.rope_base)
             q = apply_rope(q, torch.full((1,), new.filled - 1, device=x_t.device), self.rope_base)
-        o = self._sdpa(q, K, V, None)  # [B, H, 1, d_h]
+        o = self._sdpa(q, K, V, vis)  # [B, H, 1, d_h]
         return self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype)), new
 
     def _slot_positions(self, st: KVCache, device) -> torch.Tensor:
@@ -460,7 +486,9 @@ class Attention(Mixer):
             else:
                 buf = torch.cat([buf[:, :, :f], new], dim=2)
             bufs.append(buf)
-        return KVCache(bufs[0], bufs[1], state.length + 1, f_new, start, state.sinks, state.window)
+        return KVCache(
+            bufs[0], bufs[1], state.length + 1, f_new, start, state.sinks, state.window, state.pad
+        )
 
     def extra_repr(self) -> str:
         extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""

@@ -44,6 +44,7 @@ class DeltaNet(Mixer):
     l2-normalised, β_t = σ(b_t) (docs/baselines.md §4). Full glossary in the module docstring."""
 
     name = "deltanet"
+    supports_padding = True
 
     def __init__(
         self,
@@ -112,12 +113,13 @@ class DeltaNet(Mixer):
         )
 
     # ----- shared pieces -------------------------------------------------------------------
-    def _features(self, x, buf, step: bool):
+    def _features(self, x, buf, step: bool, pad=None):
         """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H], g or None, rest, buf.
         q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests); ``rest`` is the tuple
-        of the remaining in_proj outputs (:meth:`_in_split`)."""
+        of the remaining in_proj outputs (:meth:`_in_split`). Padded positions (``pad``) get
+        β = 0 and g = 0: S passes through them unchanged."""
         qkv, b, *rest = perf.split(self.in_proj(x), self._in_split())
-        qkv, buf = (self.conv.step if step else self.conv)(qkv, buf)
+        qkv, buf = self.conv.step(qkv, buf) if step else self.conv(qkv, buf, pad)
         cdt = carried_dtype(x.dtype)
         H, dk = self.H, self.dk
         lead = qkv.shape[:-1]
@@ -125,8 +127,11 @@ class DeltaNet(Mixer):
         q = l2norm(q.reshape(*lead, H, dk))
         k = l2norm(k.reshape(*lead, H, dk))
         v = v.reshape(*lead, H, self.dv)
-        beta = torch.sigmoid(b.to(cdt))
-        return q, k, v, beta, self._decay(rest, cdt), rest, buf
+        beta, g = torch.sigmoid(b.to(cdt)), self._decay(rest, cdt)
+        if pad is not None:
+            beta = pad.zero(beta)
+            g = None if g is None else pad.zero(g)
+        return q, k, v, beta, g, rest, buf
 
     def _decay(self, rest, cdt):
         return None  # DeltaNet: α ≡ 1
@@ -143,8 +148,8 @@ class DeltaNet(Mixer):
         return self.o_proj(o.to(x.dtype).flatten(-2))
 
     # ----- parallel (chunked) --------------------------------------------------------------
-    def _forward(self, x, state, mask):
-        q, k, v, beta, g, rest, buf = self._features(x, state.conv, step=False)
+    def _forward(self, x, state, mask, pad=None):
+        q, k, v, beta, g, rest, buf = self._features(x, state.conv, step=False, pad=pad)
         with torch.autocast(x.device.type, enabled=False):
             o, S = delta_rule_chunked(
                 q,

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfree.mixers.base import Mixer, formula
+from kvfree.mixers.base import Mixer, formula, grow_padding
 from kvfree.mixers.fdm_scan import (
     GivensRotation,
     GroupedCausalConv,
@@ -50,7 +50,7 @@ from kvfree.mixers.fdm_scan import (
     position_features,
     real_dtype,
 )
-from kvfree.state import State
+from kvfree.state import RowInts, State
 
 SCORES = ("fdm", "mean_p", "channel_p")
 P_FLOOR = 1e-4  # docs/fdm.md §2.1.6
@@ -62,7 +62,8 @@ class FanState(State):
     h1: torch.Tensor  # [B, 2, D] pass-1 state (real, imag)
     h2: torch.Tensor | None  # [B, 2, D] pass-2 state, None with one pass
     conv: torch.Tensor | None  # [B, k-1, D] last k-1 score inputs, None without the conv
-    pos: int = 0  # tokens seen (metadata)
+    pos: int = 0  # tokens seen, padding included (metadata)
+    pad: RowInts | None = None  # leading padding per row (metadata): positions are per row
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,7 @@ class FanScan(Mixer):
     docstring."""
 
     name = "fan"
+    supports_padding = True
 
     def __init__(
         self,
@@ -188,31 +190,38 @@ class FanScan(Mixer):
         return self.state_size(seq_len) * torch.empty((), dtype=real_dtype(dtype)).element_size()
 
     # ----- score path: s_t and p_t ---------------------------------------------------------
-    def _positions(self, pos: int, T: int, device, dtype) -> torch.Tensor:
-        return torch.arange(pos, pos + T, device=device, dtype=dtype)
+    def _positions(self, pos: int, T: int, device, dtype, rows=None) -> torch.Tensor:
+        """Text positions [T] (or [B, T]: each row's own, its leading padding ``rows`` not
+        counted; padding itself reads position 0)."""
+        t = torch.arange(pos, pos + T, device=device, dtype=dtype)
+        if rows is None:
+            return t
+        return (t - torch.tensor(rows, device=device, dtype=dtype)[:, None]).clamp_min(0)
 
-    def score_parallel(self, xh: torch.Tensor, conv: torch.Tensor | None, pos: int):
+    def score_parallel(self, xh, conv, pos: int, pad=None, rows=None):
         """x̂ [B, T, D] → (s [B, T], p [B, T, 1 | D], conv buffer'). fp32 with autocast off
-        (the score decides a discrete selection; bf16 would make it unstable)."""
+        (the score decides a discrete selection; bf16 would make it unstable). ``pad`` (this
+        chunk's :class:`~kvfree.mixers.base.Padding`): p = 0 there and the conv reads zeros;
+        ``rows``: leading padding per row so far (positions)."""
         rdt = real_dtype(xh.dtype)
         with torch.autocast(xh.device.type, enabled=False):
-            xh = xh.to(rdt)
+            xh = xh.to(rdt) if pad is None else pad.zero(xh.to(rdt))
             if self.score_mode == "fdm":
                 c, conv = self.causal_conv(xh, conv)
-                s = self._s_eff(c, self._positions(pos, xh.shape[1], xh.device, rdt))
+                s = self._s_eff(c, self._positions(pos, xh.shape[1], xh.device, rdt, rows))
                 p = self._p_of(s).unsqueeze(-1)
             else:
                 s, p = self._p_mqar(xh)
-        return s, p, conv
+        return s, p if pad is None else pad.zero(p), conv
 
-    def score_step(self, xh_t: torch.Tensor, conv: torch.Tensor | None, pos: int):
+    def score_step(self, xh_t: torch.Tensor, conv: torch.Tensor | None, pos: int, rows=None):
         """x̂_t [B, D] → (s [B], p [B, 1 | D], conv buffer')."""
         rdt = real_dtype(xh_t.dtype)
         with torch.autocast(xh_t.device.type, enabled=False):
             xh_t = xh_t.to(rdt)
             if self.score_mode == "fdm":
                 c, conv = self.causal_conv.step(xh_t, conv)
-                s = self._s_eff(c, self._positions(pos, 1, xh_t.device, rdt)[0])
+                s = self._s_eff(c, self._positions(pos, 1, xh_t.device, rdt, rows)[..., 0])
                 p = self._p_of(s).unsqueeze(-1)
             else:
                 s, p = self._p_mqar(xh_t)
@@ -256,10 +265,13 @@ class FanScan(Mixer):
         d = torch.cat([rot - y1[..., :P2], torch.zeros_like(y1[..., P2:])], dim=-1)
         return torch.sigmoid(self.delta_gate).to(d.dtype) * d
 
-    def mix_parallel(self, xt: torch.Tensor, p: torch.Tensor, state: FanState):
-        """x̃ [B, T, D], p [B, T, 1 | D] → (y [B, T, D] = Re h², new h¹, new h²)."""
+    def mix_parallel(self, xt: torch.Tensor, p: torch.Tensor, state: FanState, pad=None):
+        """x̃ [B, T, D], p [B, T, 1 | D] → (y [B, T, D] = Re h², new h¹, new h²). At padding
+        (``pad``; p = 0 from the score path) θ = 0 too: A = 1, nothing written."""
         rdt = real_dtype(xt.dtype)
         theta, (u_re, u_im), la, phi_h = self._drive(xt, p)
+        if pad is not None:
+            theta = pad.zero(theta)
         with torch.autocast(xt.device.type, enabled=False):
             pr = p.to(rdt)
             b_im = pr * u_im
@@ -288,12 +300,13 @@ class FanScan(Mixer):
         return y.to(xt.dtype), h1, h2
 
     # ----- the mixer contract (standalone: x̂ = x̃ = the block's normed input) -------------------
-    def _forward(self, x, state, mask):
-        _, p, conv = self.score_parallel(x, state.conv, state.pos)
-        y, h1, h2 = self.mix_parallel(x, p, state)
-        return y, FanState(h1, h2, conv, state.pos + x.shape[1])
+    def _forward(self, x, state, mask, pad=None):
+        rows = grow_padding(state.pad, state.pos, pad, type(self).__name__)
+        _, p, conv = self.score_parallel(x, state.conv, state.pos, pad, rows)
+        y, h1, h2 = self.mix_parallel(x, p, state, pad)
+        return y, FanState(h1, h2, conv, state.pos + x.shape[1], rows)
 
     def _step(self, x_t, state, mask):
-        _, p, conv = self.score_step(x_t, state.conv, state.pos)
+        _, p, conv = self.score_step(x_t, state.conv, state.pos, state.pad)
         y, h1, h2 = self.mix_step(x_t, p, state)
-        return y, FanState(h1, h2, conv, state.pos + 1)
+        return y, FanState(h1, h2, conv, state.pos + 1, state.pad)

@@ -31,13 +31,14 @@ O(segment·(K+W+segment)) mask memory; identical results).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import nn
 
 from kvfree.blocks import GeluMLP, SwiGLU
 from kvfree.mixers import fdm_cache as fc
-from kvfree.mixers.base import Mixer, formula
+from kvfree.mixers.base import Mixer, formula, grow_padding
 from kvfree.mixers.fan import FanScan, FanState
 from kvfree.state import State
 
@@ -67,6 +68,7 @@ class FDMBlock(Mixer):
     docstring."""
 
     name = "fdm"
+    supports_padding = True
     is_block = True
 
     def __init__(
@@ -193,32 +195,34 @@ class FDMBlock(Mixer):
         return h + torch.sigmoid(self.W_g(h)) * c
 
     # ----- parallel ------------------------------------------------------------------------------
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         ys = []
-        for x_seg in x.split(self.segment, dim=1):
-            y, state = self._forward_segment(x_seg, state)
+        pads = pad.segments(self.segment) if pad is not None else repeat(None)
+        for x_seg, pad_seg in zip(x.split(self.segment, dim=1), pads):
+            y, state = self._forward_segment(x_seg, state, pad_seg)
             ys.append(y)
         return torch.cat(ys, dim=1), state
 
-    def _forward_segment(self, x, state):
+    def _forward_segment(self, x, state, pad=None):
         ws, T = state.wave, x.shape[1]
+        rows = grow_padding(ws.pad, ws.pos, pad, type(self).__name__)
         xh = self._score_input(x)
-        s, p, conv = self.wave.score_parallel(xh, ws.conv, ws.pos)
-        y, h1, h2 = self.wave.mix_parallel(self.ln_1(x), p, ws)
+        s, p, conv = self.wave.score_parallel(xh, ws.conv, ws.pos, pad, rows)
+        y, h1, h2 = self.wave.mix_parallel(self.ln_1(x), p, ws, pad)
         h = self._wave_ffn(x, y)
         cache = state.cache
         if self.has_cache:
-            vis = fc.chunk_visibility(cache, s, self.window, self.top_k)
+            vis = fc.chunk_visibility(cache, s, self.window, self.top_k, rows)
             keys = torch.cat([cache.heap_x.to(xh.dtype), cache.ring.to(xh.dtype), xh], dim=1)
             h = self._read(h, keys, vis)
-            cache = fc.update_chunk(cache, xh, s, self.window, self.top_k)
-        return h, FDMState(FanState(h1, h2, conv, ws.pos + T), cache)
+            cache = fc.update_chunk(cache, xh, s, self.window, self.top_k, rows)
+        return h, FDMState(FanState(h1, h2, conv, ws.pos + T, rows), cache)
 
     # ----- recurrent -----------------------------------------------------------------------------
     def _step(self, x_t, state, mask):
         ws = state.wave
         xh = self._score_input(x_t)
-        s, p, conv = self.wave.score_step(xh, ws.conv, ws.pos)
+        s, p, conv = self.wave.score_step(xh, ws.conv, ws.pos, ws.pad)
         y, h1, h2 = self.wave.mix_step(self.ln_1(x_t), p, ws)
         h = self._wave_ffn(x_t, y)
         cache = state.cache
@@ -227,4 +231,4 @@ class FDMBlock(Mixer):
             keys = torch.cat([cache.heap_x.to(xh.dtype), cache.ring.to(xh.dtype)], dim=1)
             h = self._read(h[:, None], keys, vis)[:, 0]
             cache = fc.insert_step(cache, xh, s, self.window, self.top_k)  # after the read
-        return h, FDMState(FanState(h1, h2, conv, ws.pos + 1), cache)
+        return h, FDMState(FanState(h1, h2, conv, ws.pos + 1, ws.pad), cache)

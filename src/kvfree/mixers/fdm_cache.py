@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kvfree import perf
 from kvfree.mixers.fdm_scan import real_dtype
-from kvfree.state import State
+from kvfree.state import RowInts, State
 
 
 @dataclass
@@ -43,7 +43,8 @@ class CacheState(State):
     heap_x: torch.Tensor  # [B, K, D]
     heap_s: torch.Tensor  # [B, K]
     heap_idx: torch.Tensor  # [B, K] int64, -1 = empty
-    pos: int = 0  # tokens seen (metadata)
+    pos: int = 0  # tokens seen, padding included (metadata)
+    pad: RowInts | None = None  # leading padding per row (metadata; never read, never kept)
 
 
 def init_cache(
@@ -83,14 +84,32 @@ def beats(s_a, i_a, s_b, i_b) -> torch.Tensor:
     return (s_a > s_b) | ((s_a == s_b) & (i_a < i_b))
 
 
-def chunk_visibility(state: CacheState, s: torch.Tensor, window: int, top_k: int) -> torch.Tensor:
+def _real(idx: torch.Tensor, rows: RowInts | None) -> torch.Tensor | None:
+    """[B, n] True where token index ``idx`` ([n] or [B, n]) is not padding (None: no padding)."""
+    if rows is None:
+        return None
+    return idx >= torch.tensor(rows, device=idx.device)[:, None]
+
+
+def _chunk_indices(t: torch.Tensor, B: int, rows: RowInts | None) -> torch.Tensor:
+    """[B, T] candidate indices of a chunk's tokens t [T]: −1 (never a candidate) at padding."""
+    g = t.expand(B, t.shape[0])
+    real = _real(t, rows)
+    return g if real is None else torch.where(real, g, torch.full_like(g, -1))
+
+
+def chunk_visibility(
+    state: CacheState, s: torch.Tensor, window: int, top_k: int, rows: RowInts | None = None
+) -> torch.Tensor:
     """[B, T, K + W + T] bool: which of (heap, ring, chunk) slots query pos+i may read.
 
     ``s`` [B, T] are the chunk's scores. Heap slots are shown only outside the window (the ring
-    holds the window, so every visible token is counted once).
+    holds the window, so every visible token is counted once). ``rows``: leading padding per
+    row counting this chunk's (default: the state's) — padding is never read and never ranked.
     """
     B, T = s.shape
     dev, pos, W, K = s.device, state.pos, window, top_k
+    rows = state.pad if rows is None else rows
     t = torch.arange(pos, pos + T, device=dev)  # query indices [T]
     lo = (t - W)[:, None]  # window start per query
     ridx = ring_indices(pos, W, dev)  # [W]
@@ -98,12 +117,15 @@ def chunk_visibility(state: CacheState, s: torch.Tensor, window: int, top_k: int
     vis_chunk = (t[None, :] < t[:, None]) & (t[None, :] >= lo)  # [T(query), T(key)]
     vis_ring = vis_ring.expand(B, T, W)
     vis_chunk = vis_chunk.expand(B, T, T)
+    if rows is not None:
+        vis_ring = vis_ring & _real(ridx, rows)[:, None]
+        vis_chunk = vis_chunk & _real(t, rows)[:, None]
     if K == 0:
         return torch.cat([vis_ring, vis_chunk], dim=-1)
     # global candidates: heap (always present) + chunk tokens before the query
     with torch.no_grad():
         g_s = torch.cat([state.heap_s.to(s.dtype), s], dim=1).detach()  # [B, K+T]
-        g_i = torch.cat([state.heap_idx, t.expand(B, T)], dim=1)  # [B, K+T]
+        g_i = torch.cat([state.heap_idx, _chunk_indices(t, B, rows)], dim=1)  # [B, K+T]
         valid = g_i >= 0
         bt = valid[:, :, None] & beats(
             g_s[:, :, None], g_i[:, :, None], g_s[:, None, :], g_i[:, None, :]
@@ -126,11 +148,18 @@ def causal_topk_mask(s: torch.Tensor, window: int, top_k: int) -> torch.Tensor:
 
 
 def update_chunk(
-    state: CacheState, xh: torch.Tensor, s: torch.Tensor, window: int, top_k: int
+    state: CacheState,
+    xh: torch.Tensor,
+    s: torch.Tensor,
+    window: int,
+    top_k: int,
+    rows: RowInts | None = None,
 ) -> CacheState:
-    """The cache after appending a chunk x̂ [B, T, D] with scores s [B, T]."""
+    """The cache after appending a chunk x̂ [B, T, D] with scores s [B, T] (``rows``: as in
+    :func:`chunk_visibility`; padding enters the ring, where it is never read, not the heap)."""
     B, T, D = xh.shape
     dev, pos, W, K = xh.device, state.pos, window, top_k
+    rows = state.pad if rows is None else rows
     new_pos = pos + T
     ring = state.ring
     if W:
@@ -143,7 +172,7 @@ def update_chunk(
         t = torch.arange(pos, new_pos, device=dev)
         g_x = torch.cat([heap_x.to(xh.dtype), xh], dim=1)  # index-ascending candidates
         g_s = torch.cat([heap_s.to(s.dtype), s], dim=1).detach()
-        g_i = torch.cat([heap_i, t.expand(B, T)], dim=1)
+        g_i = torch.cat([heap_i, _chunk_indices(t, B, rows)], dim=1)
         key = g_s.masked_fill(g_i < 0, float("-inf"))
         top = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :K]
         sel_i = g_i.gather(1, top)  # (s desc, index asc) winners
@@ -152,7 +181,7 @@ def update_chunk(
         valid = heap_i >= 0
         heap_x = g_x.gather(1, order[..., None].expand(B, K, D)) * valid[..., None].to(xh.dtype)
         heap_s = g_s.gather(1, order) * valid.to(g_s.dtype)
-    return CacheState(ring, heap_x, heap_s, heap_i, new_pos)
+    return CacheState(ring, heap_x, heap_s, heap_i, new_pos, rows)
 
 
 def step_visibility(state: CacheState, window: int) -> torch.Tensor:
@@ -160,6 +189,8 @@ def step_visibility(state: CacheState, window: int) -> torch.Tensor:
     t = state.pos
     ridx = ring_indices(t, window, state.ring.device)
     vis_ring = (ridx >= 0).expand(state.ring.shape[0], window)
+    if state.pad is not None:
+        vis_ring = vis_ring & _real(ridx, state.pad)
     vis_heap = (state.heap_idx >= 0) & (state.heap_idx < t - window)
     return torch.cat([vis_heap, vis_ring], dim=-1)
 
@@ -194,7 +225,7 @@ def insert_step(
         valid = heap_i >= 0
         heap_x = g_x.gather(1, src[..., None].expand(B, K, D)) * valid[..., None].to(g_x.dtype)
         heap_s = g_s.gather(1, src) * valid.to(g_s.dtype)
-    return CacheState(ring, heap_x, heap_s, heap_i, t + 1)
+    return CacheState(ring, heap_x, heap_s, heap_i, t + 1, state.pad)
 
 
 def masked_read(

@@ -23,6 +23,11 @@ both equal plain attention (tests/mixers/test_kv_evict.py).
 
 Bytes: 2·S·n_kv·d_h·b for K and V, S = min(T, B) (SnapKV: plus every decoded token), and for H2O
 n_kv·S fp32 scores.
+
+Padded batches (``left_pad``): a padding slot is hidden from real queries, its queries add no
+attention mass, it ranks below every token when the cache is cut, and RoPE uses each row's own
+positions — so each row keeps the tokens, and computes what, its prompt alone would. While a
+padding slot is still cached the state carries one bool per slot and KV head saying which.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from kvfree.mixers.attention import Attention
-from kvfree.state import State, carried_dtype
+from kvfree.mixers.base import grow_padding, row_positions
+from kvfree.state import RowInts, State, carried_dtype
 
 
 @dataclass
@@ -45,6 +51,10 @@ class EvictingKVCache(State):
     v: torch.Tensor
     score: torch.Tensor
     length: int = 0
+    #: [B, n_kv, S] bool, False for a padding slot (a batch of prompts of different lengths:
+    #: padding is never read and evicted first); None while nothing was padded
+    real: torch.Tensor | None = None
+    pad: RowInts | None = None  # leading padding per row (metadata)
 
     @property
     def filled(self) -> int:
@@ -98,10 +108,12 @@ class _Evicting(Attention):
             )
 
     # ----- attention with its probabilities --------------------------------------------------
-    def _attend(self, q, K, V, n_old: int):
+    def _attend(self, q, K, V, n_old: int, real=None, real_q=None):
         """q [B, H, T, d_h] (the T new tokens), K, V [B, n_kv, n_old + T, d_h]: the old keys
         are visible to every new query, the new ones causally. → o [B, H, T, d_h] and the
-        probability mass per key, summed over the queries and the g heads [B, n_kv, S] fp32."""
+        probability mass per key, summed over the queries and the g heads [B, n_kv, S] fp32.
+        With padding, ``real`` [B, n_kv, S] / ``real_q`` [B, T]: padding keys are hidden from
+        real queries and padding queries add no mass."""
         B, _, T, d = q.shape
         S = K.shape[2]
         dev = q.device
@@ -112,8 +124,13 @@ class _Evicting(Attention):
             s = torch.einsum("bkgnd,bksd->bkgns", qg, K) * self.dh**-0.5
             qpos = torch.arange(n_old + b0, n_old + b1, device=dev).unsqueeze(1)
             vis = torch.arange(S, device=dev).unsqueeze(0) <= qpos  # [n, S]
+            if real is not None:  # [B, n_kv, 1, n, S]
+                rq = real_q[:, b0:b1]
+                vis = vis & (real[:, :, None, None, :] | ~rq[:, None, None, :, None])
             p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
             outs.append(torch.einsum("bkgns,bksd->bkgnd", p, V).reshape(B, self.H, b1 - b0, d))
+            if real is not None:
+                p = p * rq[:, None, None, :, None].to(p.dtype)
             mass = mass + p.sum((2, 3)).to(mass.dtype)
         return torch.cat(outs, 2), mass
 
@@ -125,28 +142,38 @@ class _Evicting(Attention):
             score = torch.gather(score, 2, keep)
         return torch.gather(K, 2, idx), torch.gather(V, 2, idx), score
 
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         B, T, _ = x.shape
         self._check_state(state, B)
         T0, n_old = state.length, state.filled
+        rows = grow_padding(state.pad, T0, pad, type(self).__name__)
         q, k, v = self._project(x)
-        pos = torch.arange(T0, T0 + T, device=x.device)
+        pos = row_positions(torch.arange(T0, T0 + T, device=x.device), rows)
         q, k = self._rope(q, pos), self._rope(k, pos)
         K = torch.cat([state.k, k.to(state.k.dtype)], 2)
         V = torch.cat([state.v, v.to(state.v.dtype)], 2)
-        o, mass = self._attend(q, K, V, n_old)
+        real = real_q = None
+        if state.real is not None or pad is not None:
+            real_q = ~pad.mask if pad is not None else x.new_ones(B, T, dtype=torch.bool)
+            old = state.real if state.real is not None else real_q.new_ones(B, self.n_kv, n_old)
+            real = torch.cat([old, real_q[:, None].expand(B, self.n_kv, T)], 2)
+        o, mass = self._attend(q, K, V, n_old, real, real_q)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.dh).to(x.dtype))
-        score, keep = self._select(state, q, K, mass, T)
+        score, keep = self._select(state, q, K, mass, T, real)
         if keep is not None:
             K, V, score = self._gather(keep, K, V, score)
-        return y, EvictingKVCache(K, V, score, T0 + T)
+            real = None if real is None else torch.gather(real, 2, keep)
+        if real is not None and bool(real.all()):
+            real = None  # every padding slot evicted
+        return y, EvictingKVCache(K, V, score, T0 + T, real, rows)
 
     def _step(self, x_t, state, mask):
         y, new = self._forward(x_t.unsqueeze(1), state, mask)
         return y[:, 0], new
 
-    def _select(self, state, q, K, mass, T):
-        """→ (scores of the cached keys, sorted slots to keep or None for all)."""
+    def _select(self, state, q, K, mass, T, real=None):
+        """→ (scores of the cached keys, sorted slots to keep or None for all); ``real``: which
+        slots are tokens (padding ranks below every token), None without padding."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -171,13 +198,14 @@ class H2OAttention(_Evicting):
             f"{self.dh} + {self.n_kv}·min(T, {self.budget}) (K, V; fp32 scores)"
         )
 
-    def _select(self, state, q, K, mass, T):
+    def _select(self, state, q, K, mass, T, real=None):
         score = torch.cat([state.score, mass.new_zeros(*mass.shape[:2], T)], 2) + mass
         S = K.shape[2]
         if self.budget >= S:
             return score, None
         old = S - self.recent  # candidates for eviction: all but the newest `recent`
-        heavy = score[:, :, :old].topk(self.budget - self.recent, dim=-1).indices
+        rank = score if real is None else score.masked_fill(~real, float("-inf"))
+        heavy = rank[:, :, :old].topk(self.budget - self.recent, dim=-1).indices
         recent = torch.arange(old, S, device=K.device).expand(*heavy.shape[:2], -1)
         return score, torch.cat([heavy, recent], -1).sort(-1).values
 
@@ -205,7 +233,7 @@ class SnapKVAttention(_Evicting):
             f"{self.budget})·{self.n_kv}·{self.dh}"
         )
 
-    def _select(self, state, q, K, mass, T):
+    def _select(self, state, q, K, mass, T, real=None):
         score = state.score  # empty: SnapKV keeps no score
         S, w = K.shape[2], self.obs_window
         if state.length or self.budget >= S:  # not the first prefill, or it fits
@@ -213,10 +241,15 @@ class SnapKVAttention(_Evicting):
         B = q.shape[0]
         qw = q[:, :, -w:].reshape(B, self.n_kv, self.g, w, self.dh)
         s = torch.einsum("bkgnd,bksd->bkgns", qw, K[:, :, : S - w]) * self.dh**-0.5
-        votes = torch.softmax(_window_logits(s, K, qw, self.dh), -1)[..., : S - w].sum((2, 3))
+        logits = _window_logits(s, K, qw, self.dh)
+        if real is not None:  # padding keys get no vote (a row's tokens fill its window first)
+            logits = logits.masked_fill(~real[:, :, None, None, :], float("-inf"))
+        votes = torch.softmax(logits, -1).nan_to_num(0.0)[..., : S - w].sum((2, 3))
         pooled = F.avg_pool1d(
             votes.reshape(B * self.n_kv, 1, S - w), self.pool, 1, self.pool // 2
         ).view(B, self.n_kv, S - w)
+        if real is not None:
+            pooled = pooled.masked_fill(~real[..., : S - w], float("-inf"))
         top = pooled.topk(self.budget - w, dim=-1).indices
         window = torch.arange(S - w, S, device=K.device).expand(B, self.n_kv, -1)
         return score, torch.cat([top, window], -1).sort(-1).values

@@ -47,6 +47,7 @@ class QuantKVCache(State):
     v_scale: torch.Tensor
     v_min: torch.Tensor
     length: int = 0
+    pad: tuple[int, ...] | None = None  # leading padding slots per row (left-padded prompts)
 
     @property
     def filled(self) -> int:
@@ -109,7 +110,7 @@ def append(cache: QuantKVCache, kq: tuple, vq: tuple, tokens: int) -> QuantKVCac
                 (*kq, *vq),
             )
         ]
-    return QuantKVCache(*parts, length=cache.length + tokens)
+    return QuantKVCache(*parts, length=cache.length + tokens, pad=cache.pad)
 
 
 def nbytes_per_token(n_kv: int, head_dim: int, bits: int, group: int, scale_dtype) -> int:

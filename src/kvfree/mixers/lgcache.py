@@ -26,13 +26,14 @@ independent of the length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvfree.mixers import fdm_cache as fc
-from kvfree.mixers.base import Mixer
+from kvfree.mixers.base import Mixer, grow_padding
 from kvfree.mixers.fdm_scan import real_dtype
 from kvfree.state import State
 
@@ -48,6 +49,7 @@ class LocalGlobalCache(Mixer):
     (docs/fdm.md §3, §5); state (W + K)·D + 2K. Full glossary in the module docstring."""
 
     name = "lgcache"
+    supports_padding = True
 
     def __init__(
         self,
@@ -103,14 +105,16 @@ class LocalGlobalCache(Mixer):
         c = fc.masked_read(self.W_q(x_q), self.W_k(keys), self.W_v(keys), vis, self.scale, bias)
         return torch.sigmoid(self.W_g(x_q)) * c
 
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         ys, cache = [], state.cache
-        for x_seg in x.split(self.segment, dim=1):  # bounded O(T·(K+W+T)) memory per segment
+        pads = pad.segments(self.segment) if pad is not None else repeat(None)
+        for x_seg, pad_seg in zip(x.split(self.segment, dim=1), pads):  # O(T·(K+W+T)) memory
+            rows = grow_padding(cache.pad, cache.pos, pad_seg, type(self).__name__)
             s = self._score(x_seg)
-            vis = fc.chunk_visibility(cache, s, self.window, self.top_k)
+            vis = fc.chunk_visibility(cache, s, self.window, self.top_k, rows)
             keys = torch.cat([cache.heap_x.to(x.dtype), cache.ring.to(x.dtype), x_seg], dim=1)
             ys.append(self._read(x_seg, keys, vis))
-            cache = fc.update_chunk(cache, x_seg, s, self.window, self.top_k)
+            cache = fc.update_chunk(cache, x_seg, s, self.window, self.top_k, rows)
         return torch.cat(ys, dim=1), LGCacheState(cache)
 
     def _step(self, x_t, state, mask):

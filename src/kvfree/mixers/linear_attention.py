@@ -50,6 +50,7 @@ class LinearAttention(Mixer):
     docs/baselines.md §2). Full glossary in the module docstring."""
 
     name = "linear_attention"
+    supports_padding = True
 
     def __init__(
         self,
@@ -112,14 +113,16 @@ class LinearAttention(Mixer):
         return self.o_proj(o.reshape(*o.shape[:-2], self.H * self.dv).to(self.o_proj.weight.dtype))
 
     # ----- parallel (chunked) --------------------------------------------------------------
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         B, T, _ = x.shape
         q, k, v = self._qkv(x)  # [B, T, H, *]
+        if pad is not None:  # φ(k) = 0 at padding: nothing written to S or z
+            k = pad.zero(k)
         C = min(self.chunk_size, T)
-        pad = (-T) % C
-        if pad:  # zero rows contribute nothing to S, z; their outputs are dropped
-            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-        N = (T + pad) // C
+        tail = (-T) % C
+        if tail:  # zero rows contribute nothing to S, z; their outputs are dropped
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, tail)) for t in (q, k, v))
+        N = (T + tail) // C
         # [B, H, N, C, *]
         q, k, v = (t.view(B, N, C, self.H, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))
         kv = torch.einsum("bhncf,bhncv->bhnfv", k, v)

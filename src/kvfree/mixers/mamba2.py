@@ -95,6 +95,7 @@ class Mamba2(Mixer):
     docstring."""
 
     name = "mamba2"
+    supports_padding = True
 
     def __init__(
         self,
@@ -193,12 +194,14 @@ class Mamba2(Mixer):
         return y.to(x_in.dtype)
 
     # ----- parallel (chunked SSD) ---------------------------------------------------------
-    def _forward(self, x_in, state, mask):
+    def _forward(self, x_in, state, mask, pad=None):
         z, xBC, dt = self._project(x_in)
-        xBC, buf = self.conv(xBC, state.conv)
+        xBC, buf = self.conv(xBC, state.conv, pad)
         cdt = carried_dtype(x_in.dtype)
         with torch.autocast(x_in.device.type, enabled=False):
             z, x, B, C, delta = self._split(z, xBC, dt, cdt)
+            if pad is not None:  # Δ = 0 at padding: no write (Δ·x = 0), no decay (Δ·A = 0)
+                delta = pad.zero(delta)
             A = -self.A_log.to(cdt).exp()
             y, h = ssd_chunked(
                 x * delta.unsqueeze(-1), delta * A, B, C, state.ssm.to(cdt), self.chunk_size

@@ -207,6 +207,7 @@ class MesaNet(Mixer):
     docstring."""
 
     name = "mesanet"
+    supports_padding = True
 
     def __init__(
         self,
@@ -300,10 +301,11 @@ class MesaNet(Mixer):
         )
 
     # ----- features ----------------------------------------------------------------------
-    def _features(self, x, state: MesaNetState, step: bool):
+    def _features(self, x, state: MesaNetState, step: bool, pad=None):
         """x [..., D] -> q, k [..., H, d_k] (fp32+), v [..., H, d_v], β, log γ [..., H] or
-        None, and the new conv buffers (kept in the state's dtype)."""
-        conv = (lambda c, u, buf: c.step(u, buf)) if step else (lambda c, u, buf: c(u, buf))
+        None, and the new conv buffers (kept in the state's dtype). Padded positions (``pad``)
+        get k = 0 and log γ = 0: the statistics pass through them unchanged."""
+        conv = (lambda c, u, buf: c.step(u, buf)) if step else (lambda c, u, buf: c(u, buf, pad))
         q, qb = conv(self.q_conv, self.q_proj(x), state.q_conv)
         k, kb = conv(self.k_conv, self.k_proj(x), state.k_conv)
         shape = (*x.shape[:-1], self.H, -1)
@@ -313,6 +315,9 @@ class MesaNet(Mixer):
         if self.use_gates:
             beta = upcast(self.b_proj(x)).sigmoid()
             log_gamma = F.logsigmoid(upcast(self.a_proj(x)))
+        if pad is not None:
+            k = pad.zero(k)
+            log_gamma = None if log_gamma is None else pad.zero(log_gamma)
         return q, k, v, beta, log_gamma, qb.to(state.q_conv.dtype), kb.to(state.k_conv.dtype)
 
     def _out(self, o):
@@ -320,8 +325,8 @@ class MesaNet(Mixer):
         return self.o_proj(o.reshape(*o.shape[:-2], self.H * self.dv))
 
     # ----- parallel (chunked) / recurrent ----------------------------------------------------
-    def _forward(self, x, state, mask):
-        q, k, v, beta, lg, qb, kb = self._features(x, state, step=False)
+    def _forward(self, x, state, mask, pad=None):
+        q, k, v, beta, lg, qb, kb = self._features(x, state, step=False, pad=pad)
         o, (Hkk, Hkv) = mesa_core(
             q,
             k,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfree.mixers.base import Mixer, head_width
+from kvfree.mixers.base import Mixer, grow_padding, head_width, key_padding_mask, row_positions
 from kvfree.mixers.rope import apply_rope
 from kvfree.state import State
 from kvfree.utils import unknown_keys_error
@@ -36,6 +36,7 @@ class LatentKVCache(State):
     c: torch.Tensor  # [B, T, d_c] latents
     k_rope: torch.Tensor  # [B, T, d_r] RoPE'd shared keys (d_r = 0 without positions)
     length: int = 0
+    pad: tuple[int, ...] | None = None  # leading padding slots per row (left-padded prompts)
 
 
 class MLA(Mixer):
@@ -44,6 +45,7 @@ class MLA(Mixer):
 
     name = "mla"
     fixed_memory = False
+    supports_padding = True
 
     def __init__(
         self,
@@ -113,29 +115,37 @@ class MLA(Mixer):
     def _rope(self, t, pos):
         return apply_rope(t, pos, self.rope_base) if self.dr else t
 
-    def _extend(self, state: LatentKVCache, x, pos) -> LatentKVCache:
+    def _extend(self, state: LatentKVCache, x, pos, rows) -> LatentKVCache:
         c = self.kv_down(x)
-        k_r = self._rope(self.k_rope(x), pos) if self.dr else x.new_zeros(*x.shape[:2], 0)
+        k_r = x.new_zeros(*x.shape[:2], 0)
+        if self.dr:  # per-row positions [B, 1, T] → [B, T] for the head-less shared key
+            p = pos if rows is None else pos[:, 0]
+            k_r = self._rope(self.k_rope(x), p)
         return LatentKVCache(
             torch.cat([state.c, c.to(state.c.dtype)], 1),
             torch.cat([state.k_rope, k_r.to(state.k_rope.dtype)], 1),
             state.length + x.shape[1],
+            rows,
         )
 
     # ----- parallel (keys and values materialised) ---------------------------------------------
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         B, T, _ = x.shape
         self._check_state(state, B)
         T0 = state.length
+        rows = grow_padding(state.pad, T0, pad, type(self).__name__)
         pos = torch.arange(T0, T0 + T, device=x.device)
-        q, q_r = self._queries(x, pos)
-        new = self._extend(state, x, pos)
+        q, q_r = self._queries(x, row_positions(pos, rows))
+        new = self._extend(state, x, row_positions(pos, rows), rows)
         n = new.c.shape[1]
         k = self.k_up(new.c).view(B, n, self.H, self.dh).transpose(1, 2)
         v = self.v_up(new.c).view(B, n, self.H, self.dh).transpose(1, 2)
         k_r = new.k_rope.unsqueeze(1).expand(B, self.H, n, self.dr)
         qp = pos.unsqueeze(1)
-        vis = torch.arange(n, device=x.device).unsqueeze(0) <= qp  # [T, n] causal
+        keys = torch.arange(n, device=x.device)
+        vis = keys.unsqueeze(0) <= qp  # [T, n] causal
+        if rows is not None:  # [B, 1, T, n]: padding hidden from real queries
+            vis = (vis & key_padding_mask(rows, keys, pos)).unsqueeze(1)
         o = F.scaled_dot_product_attention(
             torch.cat([q, q_r], -1), torch.cat([k, k_r], -1), v, attn_mask=vis, scale=self.scale
         )
@@ -145,15 +155,18 @@ class MLA(Mixer):
     def _step(self, x_t, state, mask):
         B = x_t.shape[0]
         self._check_state(state, B)
-        pos = torch.full((1,), state.length, device=x_t.device)
+        pos = row_positions(torch.full((1,), state.length, device=x_t.device), state.pad)
         q, q_r = self._queries(x_t.unsqueeze(1), pos)  # [B, H, 1, d_h], [B, H, 1, d_r]
-        new = self._extend(state, x_t.unsqueeze(1), pos)
+        new = self._extend(state, x_t.unsqueeze(1), pos, state.pad)
         w_uk = self.k_up.weight.view(self.H, self.dh, self.dc)
         w_uv = self.v_up.weight.view(self.H, self.dh, self.dc)
         q_lat = torch.einsum("bhd,hdc->bhc", q[:, :, 0], w_uk)  # q̃ = W_UKᵀ q
         scores = torch.einsum("bhc,btc->bht", q_lat, new.c)
         if self.dr:
             scores = scores + torch.einsum("bhr,btr->bht", q_r[:, :, 0], new.k_rope)
+        if state.pad is not None:
+            hidden = ~key_padding_mask(state.pad, torch.arange(new.c.shape[1], device=x_t.device))
+            scores = scores.masked_fill(hidden, float("-inf"))
         w = torch.softmax(scores * self.scale, dim=-1)
         u = torch.einsum("bht,btc->bhc", w, new.c)  # Σ w_j c_j
         o = torch.einsum("bhc,hdc->bhd", u, w_uv)  # W_UV u

@@ -32,6 +32,7 @@ class ShortConv(Mixer):
     docstring."""
 
     name = "shortconv"
+    supports_padding = True
 
     def __init__(self, d_model: int, *, kernel_size: int = 4, gate: bool = True):
         super().__init__(d_model)
@@ -53,9 +54,9 @@ class ShortConv(Mixer):
         u = self.in_proj(x)
         return u.chunk(2, dim=-1) if self.gate else (u, None)
 
-    def _forward(self, x, state, mask):
+    def _forward(self, x, state, mask, pad=None):
         a, g = self._split(x)
-        c, buf = self.conv(a, state.buf)
+        c, buf = self.conv(a, state.buf, pad)
         return self.out_proj(c * g if g is not None else c), ShortConvState(buf)
 
     def _step(self, x_t, state, mask):

@@ -104,6 +104,7 @@ class SKA(Mixer):
 
     name = "ska"
     supports_mask = True
+    supports_padding = True
 
     def __init__(
         self,
@@ -277,14 +278,17 @@ class SKA(Mixer):
             return torch.ones((), dtype=like.dtype, device=like.device)
         return self.gamma_raw.to(like.dtype).clamp(1.0, self.gamma_max)
 
-    def _project(self, x, conv_buf):
+    def _project(self, x, conv_buf, pad=None):
         """z, q [..., H, r], v [..., H, P], β [..., H] (or None), all in projection dtype, and
         the new conv buffer (None without a conv)."""
         shape = x.shape[:-1]
         z, q, v = self.k_proj(x), self.q_proj(x), self.v_proj(x)
         if self.conv is not None:
-            conv = self.conv.step if x.dim() == 2 else self.conv
-            zqv, conv_buf = conv(torch.cat([z, q, v], -1), conv_buf)
+            zqv = torch.cat([z, q, v], -1)
+            if x.dim() == 2:
+                zqv, conv_buf = self.conv.step(zqv, conv_buf)
+            else:
+                zqv, conv_buf = self.conv(zqv, conv_buf, pad)
             z, q, v = zqv.split([self.H * self.r, self.H * self.r, self.H * self.P], -1)
         z = z.reshape(*shape, self.H, self.r)
         q = q.reshape(*shape, self.H, self.r)
@@ -304,11 +308,13 @@ class SKA(Mixer):
                 d["frac_clamped"] = (info.sigma > 1).float().mean()
             self.diagnostics = d
 
-    def _normalize(self, z, q, mask, state, cdt):
+    def _normalize(self, z, q, mask, state, cdt, pad=None):
         """ẑ, q̂ and the new scalar, plus the rescaled carried statistics under seqmax."""
         if self.norm == "l2":
             return core.l2_normalize(z), core.l2_normalize(q), state, None
         norms = z.norm(dim=-1)  # [B, (T,) H]
+        if pad is not None:  # padding does not count towards the sequence maximum
+            norms = pad.zero(norms)
         if self.seqmax_scope == "mask" and mask is not None:
             norms = norms * (mask > 0).to(cdt).unsqueeze(-1)
         elif self.seqmax_scope == "mask":  # mask None = nothing written
@@ -328,10 +334,11 @@ class SKA(Mixer):
         mm = m.unsqueeze(1).unsqueeze(-1) if z.dim() == 4 else m.unsqueeze(-1)
         return z / mm, q / mm, rescaled, m
 
-    def _inputs(self, x, state, mask):
-        """Projections upcast into the statistics dtype; the write mask per head; the
-        activation dtype ŷ is cast back to before the output projection (docs/ska.md §9)."""
-        z, q, v, beta, conv = self._project(x, state.conv)
+    def _inputs(self, x, state, mask, pad=None):
+        """Projections upcast into the statistics dtype; the write mask per head (0 at
+        padding); the activation dtype ŷ is cast back to before the output projection
+        (docs/ska.md §9)."""
+        z, q, v, beta, conv = self._project(x, state.conv, pad)
         act, cdt = v.dtype, state.G.dtype  # activation dtype (bf16 under autocast), statistics
         z, q, v = z.to(cdt), q.to(cdt), v.to(cdt)
         beta = beta.to(cdt) if beta is not None else None
@@ -340,9 +347,13 @@ class SKA(Mixer):
             m = mask.to(cdt).unsqueeze(-1).expand(*mask.shape, self.H)
         elif self.mode in ("prefix", "masked"):  # no mask while decoding: read only
             m = torch.zeros(*x.shape[:-1], self.H, dtype=cdt, device=x.device)
+        if pad is not None:  # padding writes nothing (and its zero key starts no lag pair)
+            m = pad.zero(
+                torch.ones(*x.shape[:-1], self.H, dtype=cdt, device=x.device) if m is None else m
+            )
         return z, q, v, beta, m, mask, cdt, act, conv
 
-    def forward(self, x, state=None, mask=None):
+    def forward(self, x, state=None, mask=None, *, left_pad=None):
         if self.mode in ("prefix", "masked") and mask is None and state is None:
             raise ValueError(
                 f"SKA in mode={self.mode!r} fits its operator on the tokens a mask selects: pass "
@@ -360,13 +371,13 @@ class SKA(Mixer):
                 "mode='prefix' needs a prefix mask (1…1 0…0 per row); use "
                 "mode='masked' for arbitrary write masks"
             )
-        return super().forward(x, state, mask)
+        return super().forward(x, state, mask, left_pad=left_pad)
 
     # ----- parallel --------------------------------------------------------------------------
-    def _forward(self, x, state, mask):
-        z, q, v, beta, m, raw_mask, cdt, out_dtype, conv = self._inputs(x, state, mask)
+    def _forward(self, x, state, mask, pad=None):
+        z, q, v, beta, m, raw_mask, cdt, out_dtype, conv = self._inputs(x, state, mask, pad)
         with fp32_island(x.device.type):
-            zh, qh, state, m_new = self._normalize(z, q, raw_mask, state, cdt)
+            zh, qh, state, m_new = self._normalize(z, q, raw_mask, state, cdt, pad)
             xw, u, l, p = core.write_vectors(zh, v, beta, m, self.beta_mode)
             g, eta = self.gamma(zh), self.eta.to(cdt)
             T = x.shape[1]
@@ -388,24 +399,8 @@ class SKA(Mixer):
                     self.fallbacks,
                 )
             elif self.mode == "chunk":
-                pos = int(state.scalar.flatten()[0].item()) if state.scalar.numel() else 0
-                pend = state.pending
-                y, (G, M, C), pend_new, prev, info = core.chunk_causal(
-                    (state.G, state.M, state.C),
-                    (pend.G, pend.M, pend.C),
-                    pos,
-                    self.chunk_size,
-                    self.inclusive,
-                    state.prev,
-                    xw,
-                    u,
-                    l,
-                    p,
-                    qh,
-                    g,
-                    eta,
-                    self.cfg,
-                    self.fallbacks,
+                y, (G, M, C), pend_new, prev, info = self._chunk_rows(
+                    state, pad, xw, u, l, p, qh, g, eta
                 )
                 pending = SKAPending(*pend_new)
             else:
@@ -424,9 +419,51 @@ class SKA(Mixer):
                     self.cfg,
                     self.fallbacks,
                 )
-            scalar = m_new if m_new is not None else state.scalar + T
+            n = T if pad is None else (T - pad.counts).to(state.scalar.dtype)[:, None]
+            scalar = m_new if m_new is not None else state.scalar + n
             self._record(info)
         return self._out(y, out_dtype), SKAState(G, M, C, prev, scalar, pending, conv)
+
+    def _chunk_rows(self, state, pad, x, u, l, p, q, g, eta):
+        """``chunk_causal`` with chunks aligned to each row's own position: rows are grouped by
+        the position of the chunk's first slot (tokens seen minus the row's padding, which
+        writes nothing), one call per group; an unpadded batch of one length is one group."""
+        first = state.scalar[:, 0].to(torch.int64)
+        if pad is not None:
+            first = first - pad.counts
+
+        def run(rows, p0):
+            take = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+            pend = state.pending
+            return core.chunk_causal(
+                (take(state.G), take(state.M), take(state.C)),
+                (take(pend.G), take(pend.M), take(pend.C)),
+                p0,
+                self.chunk_size,
+                self.inclusive,
+                take(state.prev),
+                *(take(t) for t in (x, u, l, p, q)),
+                g,
+                eta,
+                self.cfg,
+                self.fallbacks,
+            )
+
+        starts = first.unique().tolist()
+        if len(starts) == 1:
+            return run(None, starts[0])
+        groups = [(first == p0).nonzero().squeeze(1) for p0 in starts]
+        outs = [run(rows, p0) for rows, p0 in zip(groups, starts)]
+        inverse = torch.cat(groups).argsort()
+        merge = lambda *ts: torch.cat(ts)[inverse]  # noqa: E731
+        y, committed, pending, prev, _ = zip(*outs)
+        return (
+            merge(*y),
+            tuple(merge(*ts) for ts in zip(*committed)),
+            tuple(merge(*ts) for ts in zip(*pending)),
+            merge(*prev),
+            outs[-1][4],
+        )
 
     # ----- recurrent -------------------------------------------------------------------------
     def _step(self, x_t, state, mask):

@@ -6,13 +6,19 @@
     logits_t, state = model.step(ids_t, state) # one token for every batch row
     out = model.generate(ids, max_new_tokens)  # prefill + step (constant memory for fixed mixers)
 
+Prompts of different lengths share a batch through ``attention_mask`` [B, T] (1 = token,
+0 = padding, the Hugging Face convention; left or right padding, one contiguous run of tokens
+per row): rows are brought to left padding, the padding neither writes to any layer's memory
+nor moves positions, and every row computes what its prompt computes alone (the mixers'
+``left_pad``, docs/design.md §1); decoding then continues each row from its own position.
+
 ``forward`` and ``prefill`` + ``step`` compute the same function: decoding that does not
 reproduce the trained forward is a bug (docs/design.md §1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,8 +26,9 @@ from torch import nn
 
 from kvfree.blocks import ResidualBlock, build_mlp, build_norm, ffn_width
 from kvfree.mixers import build_mixer, get_mixer_class
+from kvfree.mixers.base import Padding, grow_padding
 from kvfree.models.config import ModelConfig
-from kvfree.state import State, state_bytes
+from kvfree.state import RowInts, State, state_bytes
 
 #: Tokens per parallel pass when ``prefill`` segments a prompt (fixed-memory models by default):
 #: the activation memory of a prefill stays that of a prompt this long, at any prompt length.
@@ -31,7 +38,67 @@ PREFILL_SEGMENT = 512
 @dataclass
 class ModelState(State):
     layers: list[Any]
-    pos: int = 0  # tokens seen so far (metadata, not counted in state bytes)
+    pos: int = 0  # tokens seen so far, padding included (metadata, not counted in state bytes)
+    pad: RowInts | None = None  # leading padding per row (metadata; None: no padding)
+
+
+@dataclass(frozen=True)
+class LeftPadded:
+    """A batch brought to left padding: row b's tokens sit in its last ``n_b`` positions.
+    ``shift`` [B]: original position of left-padded position t is (t + shift_b) mod T."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor  # [B] leading padding
+    shift: torch.Tensor | None  # None when the batch was left-padded already
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A [B, T, ...] tensor of the original layout in the left-padded layout."""
+        if t is None or self.shift is None:
+            return t
+        T = t.shape[1]
+        idx = (torch.arange(T, device=t.device) + self.shift[:, None].to(t.device)) % T
+        return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand_as(t))
+
+    def restore(self, t: torch.Tensor) -> torch.Tensor:
+        """Back from the left-padded layout to the original one."""
+        if self.shift is None:
+            return t
+        T = t.shape[1]
+        idx = (torch.arange(T, device=t.device) - self.shift[:, None].to(t.device)) % T
+        return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand_as(t))
+
+
+def left_padded(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> LeftPadded | None:
+    """Check an ``attention_mask`` [B, T] (1 = token) and bring ``ids`` to left padding
+    (None: no mask or no padding)."""
+    if attention_mask is None:
+        return None
+    am = torch.as_tensor(attention_mask, device=ids.device)
+    if am.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(am.shape)}"
+        )
+    if am.is_floating_point() or bool(((am != 0) & (am != 1)).any()):
+        raise ValueError("attention_mask holds 1 for a token and 0 for padding, nothing else")
+    am = am.bool()
+    if bool(am.all()):
+        return None
+    T = ids.shape[1]
+    n = am.sum(1)
+    start = am.int().argmax(1)  # first token of each row
+    t = torch.arange(T, device=ids.device)
+    contiguous = am == ((t >= start[:, None]) & (t < (start + n)[:, None]))
+    if not bool(contiguous.all()):
+        bad = (~contiguous.all(1)).nonzero()[:, 0].tolist()[:5]
+        raise ValueError(
+            f"attention_mask rows {bad} have padding between tokens; each row must hold one "
+            "run of tokens (left or right padding)"
+        )
+    counts = T - n
+    shift = (start + n) % T
+    shift = None if not bool(shift.any()) else shift  # all rows end at T: left-padded already
+    lp = LeftPadded(ids, counts, shift)
+    return replace(lp, ids=lp.take(ids))
 
 
 class LanguageModel(nn.Module):
@@ -90,12 +157,15 @@ class LanguageModel(nn.Module):
                 "shorten the input or build the model with a larger max_len"
             )
 
-    def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, pos: int, pad: RowInts | None = None) -> torch.Tensor:
         x = self.embed(ids)
         if self.pos_embed is not None:
             T = ids.shape[1] if ids.dim() == 2 else 1
-            p = self.pos_embed(torch.arange(pos, pos + T, device=ids.device))
-            x = x + (p if ids.dim() == 2 else p[0])
+            p = torch.arange(pos, pos + T, device=ids.device)
+            if pad is not None:  # each row's own positions; padding reads position 0
+                p = (p - torch.tensor(pad, device=ids.device)[:, None]).clamp_min(0)
+            p = self.pos_embed(p)
+            x = x + (p if ids.dim() == 2 else p[..., 0, :])
         return self.drop(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,29 +185,45 @@ class LanguageModel(nn.Module):
         mask: torch.Tensor | None = None,
         *,
         select: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ModelState]:
         """Parallel forward over ``ids`` [B, T] (continuing from ``state`` if given).
 
         ``mask`` [B, T] is the oracle write mask, passed only to mixers that accept one.
         ``select`` [B, T] bool: return the logits at the selected positions only, [n, V] in
         row-major order (what a training loss over labelled positions needs; perf.py).
+        ``attention_mask`` [B, T]: 1 = token, 0 = padding (module docstring); logits at padded
+        positions are those of a zero mixer output and mean nothing.
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(
                 f"ids must have shape [batch, seq], got "
                 f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ids}"
             )
+        lp = left_padded(ids, attention_mask)
+        if lp is None:
+            return self._forward(ids, state, mask, select, None)
+        if select is not None and bool((select & ~attention_mask.bool()).any()):
+            raise ValueError("select picks padded positions (attention_mask 0); select tokens only")
+        logits, state = self._forward(lp.ids, state, lp.take(mask), lp.take(select), lp.counts)
+        return (logits if select is not None else lp.restore(logits)), state
+
+    def _forward(self, ids, state, mask, select, left_pad):
+        """The forward over left-padded ``ids`` (``left_pad`` [B] or None)."""
         pos = state.pos if state is not None else 0
         self._check_ids(ids, pos)
-        x = self._embed(ids, pos)
+        pad = state.pad if state is not None else None
+        if left_pad is not None:
+            pad = grow_padding(pad, pos, Padding.of(left_pad, ids.shape[1]), "LanguageModel")
+        x = self._embed(ids, pos, pad)
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
         new_states = []
         for block, mixer, s in zip(self.blocks, self.mixers(), layer_states):
-            x, s = block(x, s, mask if mixer.supports_mask else None)
+            x, s = block(x, s, mask if mixer.supports_mask else None, left_pad=left_pad)
             new_states.append(s)
         if select is not None:
             x = x[select]
-        return self._logits(x), ModelState(new_states, pos + ids.shape[1])
+        return self._logits(x), ModelState(new_states, pos + ids.shape[1], pad)
 
     @property
     def fixed_memory(self) -> bool:
@@ -176,6 +262,7 @@ class LanguageModel(nn.Module):
         *,
         last_only: bool = False,
         segment: int | str | None = "auto",
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ModelState]:
         """The parallel forward over a prompt ``ids`` [B, T] without gradients → (logits, state).
 
@@ -185,25 +272,36 @@ class LanguageModel(nn.Module):
         chunked-prefill invariant (docs/design.md §1); ``"auto"`` segments fixed-memory causal
         models (:meth:`prefill_segment`), ``None`` runs the whole prompt at once. An explicit
         segment on a non-causal model is refused (its operator is fitted on the whole prompt).
+        ``attention_mask``: prompts of different lengths (module docstring); ``last_only``
+        then gives each row's last token.
         """
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return self.forward(ids, state, mask)  # forward's own message
+        lp = left_padded(ids, attention_mask)
+        counts = None
+        if lp is not None:
+            ids, mask, counts = lp.ids, lp.take(mask), lp.counts
         seg = self.prefill_segment(ids.shape[1], segment)
         if seg is None:
-            return self._prefill_pass(ids, mask, state, last_only)
-        outs = []
-        for s in range(0, ids.shape[1], seg):
-            part = None if mask is None else mask[:, s : s + seg]
-            logits, state = self._prefill_pass(ids[:, s : s + seg], part, state, last_only)
-            outs.append(logits)
-        return (outs[-1] if last_only else torch.cat(outs, dim=1)), state
+            logits, state = self._prefill_pass(ids, mask, state, last_only, counts)
+        else:
+            outs = []
+            for s in range(0, ids.shape[1], seg):
+                part = None if mask is None else mask[:, s : s + seg]
+                n = None if counts is None else (counts - s).clamp(0, seg)
+                logits, state = self._prefill_pass(ids[:, s : s + seg], part, state, last_only, n)
+                outs.append(logits)
+            logits = outs[-1] if last_only else torch.cat(outs, dim=1)
+        if lp is not None and not last_only:
+            logits = lp.restore(logits)
+        return logits, state
 
-    def _prefill_pass(self, ids, mask, state, last_only: bool):
+    def _prefill_pass(self, ids, mask, state, last_only: bool, left_pad=None):
         if not last_only:
-            return self.forward(ids, state, mask)
+            return self._forward(ids, state, mask, None, left_pad)
         last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        last[:, -1] = True
-        return self.forward(ids, state, mask, select=last)  # [B, V]: one position per row
+        last[:, -1] = True  # [B, V]: one position per row
+        return self._forward(ids, state, mask, last, left_pad)
 
     def step(
         self, ids_t: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None
@@ -214,12 +312,12 @@ class LanguageModel(nn.Module):
         if state is None:
             state = self.init_state(ids_t.shape[0], device=ids_t.device)
         self._check_ids(ids_t, state.pos)
-        x = self._embed(ids_t, state.pos)
+        x = self._embed(ids_t, state.pos, state.pad)
         new_states = []
         for block, mixer, s in zip(self.blocks, self.mixers(), state.layers):
             x, s = block.step(x, s, mask if mixer.supports_mask else None)
             new_states.append(s)
-        return self._logits(x), ModelState(new_states, state.pos + 1)
+        return self._logits(x), ModelState(new_states, state.pos + 1, state.pad)
 
     @torch.no_grad()
     def generate(
@@ -231,13 +329,15 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefill ``ids`` [B, T] then decode ``max_new_tokens`` with ``step``.
 
-        Greedy when ``temperature == 0``. Returns [B, T + max_new_tokens]. The state used is
-        left in ``self.last_state_bytes``.
+        Greedy when ``temperature == 0``. Returns [B, T + max_new_tokens] (the new tokens after
+        ``ids`` as given, padding included). ``attention_mask``: prompts of different lengths,
+        each row continues its own prompt. The state used is left in ``self.last_state_bytes``.
         """
-        nxt, state = self.prefill(ids, mask=mask, last_only=True)
+        nxt, state = self.prefill(ids, mask=mask, last_only=True, attention_mask=attention_mask)
         out = [ids]
         for i in range(max_new_tokens):
             tok = sample(nxt, temperature, top_k, generator)
