@@ -92,19 +92,22 @@ def check_core_against_naive(T, chunk, gated, g_scale=1.0):
     compare_core(core_inputs(T, gated=gated, g_scale=g_scale), naive_delta_rule, chunk)
 
 
-def compare_core(inputs, naive, chunk):
-    """Chunked core = ``naive(q, k, v, β, S0, scale, g)``: outputs, final state, gradients."""
-    ins = [t.requires_grad_(True) for t in inputs]
+def compare_core(inputs, naive, chunk, w=None):
+    """Chunked core = ``naive(q, k, v, β, S0, scale, g[, w])``: outputs, final state, gradients
+    (inputs q, k, v, β, S0 and optionally g; ``w``: GDN-2's write gate)."""
+    ins = [t.requires_grad_(True) for t in inputs + ([] if w is None else [w])]
     q, k, v, beta, S0 = ins[:5]
-    g = ins[5] if len(ins) > 5 else None
-    o, S = delta_rule_chunked(q, k, v, beta, S0, g=g, scale=0.7, chunk_size=chunk)
-    o_ref, S_ref = naive(q, k, v, beta, S0, 0.7, g)
+    g = ins[5] if len(inputs) > 5 else None
+    extra = [] if w is None else [ins[-1]]
+    o, S = delta_rule_chunked(q, k, v, beta, S0, g=g, w=w, scale=0.7, chunk_size=chunk)
+    o_ref, S_ref = naive(q, k, v, beta, S0, 0.7, g, *extra)
     assert_close("output", o_ref, o, **F64)
     assert_close("state", S_ref, S, **F64)
     w1, w2 = torch.randn_like(o), torch.randn_like(S)
     grads = torch.autograd.grad((o * w1).sum() + (S * w2).sum(), ins)
     grads_ref = torch.autograd.grad((o_ref * w1).sum() + (S_ref * w2).sum(), ins)
-    for name, a, b in zip(("q", "k", "v", "beta", "S0", "g"), grads_ref, grads):
+    names = ("q", "k", "v", "beta", "S0") + (("g",) if g is not None else ()) + ("w",) * len(extra)
+    for name, a, b in zip(names, grads_ref, grads):
         assert_close(f"gradient of {name}", a, b, **F64)
 
 

@@ -9,7 +9,9 @@ from kvfree.cli import bench_app, report_app
 
 @bench_app.command("frontier")
 def bench_frontier(
-    preset: str = typer.Option("cpu", help="cpu (8 families, 15 models) | gpu (more sizes)."),
+    preset: str = typer.Option(
+        "cpu", help="cpu (9 trained families, 17 models) | gpu (more sizes)."
+    ),
     families: str = typer.Option(None, help="Comma-separated families (default: all; --list)."),
     grid: str = typer.Option("cpu", help="The bench recall grid every model trains on."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),

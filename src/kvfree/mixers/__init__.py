@@ -22,6 +22,7 @@ _REGISTRY: dict[str, str] = {
     "deltanet": "kvfree.mixers.deltanet:DeltaNet",
     "gated_deltanet": "kvfree.mixers.gated_deltanet:GatedDeltaNet",
     "kda": "kvfree.mixers.kda:KimiDeltaAttention",
+    "gdn2": "kvfree.mixers.gdn2:GatedDeltaNet2",
     "mesanet": "kvfree.mixers.mesanet:MesaNet",
     "ska": "kvfree.mixers.ska:SKA",
     "fan": "kvfree.mixers.fan:FanScan",

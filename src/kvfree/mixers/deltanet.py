@@ -114,10 +114,11 @@ class DeltaNet(Mixer):
 
     # ----- shared pieces -------------------------------------------------------------------
     def _features(self, x, buf, step: bool, pad=None):
-        """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H], g or None, rest, buf.
-        q, k, v, β, g are in the compute dtype (fp32, or fp64 in tests); ``rest`` is the tuple
-        of the remaining in_proj outputs (:meth:`_in_split`). Padded positions (``pad``) get
-        β = 0 and g = 0: S passes through them unchanged."""
+        """x [..., D] -> q, k [..., H, d_k], v [..., H, d_v], β [..., H] (GDN-2: [..., H, d_k]),
+        w (GDN-2's write gate [..., H, d_v]) or None, g or None, rest, buf. q, k, v, β, w, g are
+        in the compute dtype (fp32, or fp64 in tests); ``rest`` is the tuple of the remaining
+        in_proj outputs (:meth:`_in_split`). Padded positions (``pad``) get β = w = 0 and
+        g = 0: S passes through them unchanged."""
         qkv, b, *rest = perf.split(self.in_proj(x), self._in_split())
         qkv, buf = self.conv.step(qkv, buf) if step else self.conv(qkv, buf, pad)
         cdt = carried_dtype(x.dtype)
@@ -127,11 +128,16 @@ class DeltaNet(Mixer):
         q = l2norm(q.reshape(*lead, H, dk))
         k = l2norm(k.reshape(*lead, H, dk))
         v = v.reshape(*lead, H, self.dv)
-        beta, g = torch.sigmoid(b.to(cdt)), self._decay(rest, cdt)
+        beta, w, g = self._beta(b, cdt), self._write(rest, cdt), self._decay(rest, cdt)
         if pad is not None:
-            beta = pad.zero(beta)
-            g = None if g is None else pad.zero(g)
-        return q, k, v, beta, g, rest, buf
+            beta, w, g = (None if t is None else pad.zero(t) for t in (beta, w, g))
+        return q, k, v, beta, w, g, rest, buf
+
+    def _beta(self, b, cdt):
+        return torch.sigmoid(b.to(cdt))  # β [..., H]
+
+    def _write(self, rest, cdt):
+        return None  # β also scales the written value (GDN-2 has its own write gate)
 
     def _decay(self, rest, cdt):
         return None  # DeltaNet: α ≡ 1
@@ -149,7 +155,7 @@ class DeltaNet(Mixer):
 
     # ----- parallel (chunked) --------------------------------------------------------------
     def _forward(self, x, state, mask, pad=None):
-        q, k, v, beta, g, rest, buf = self._features(x, state.conv, step=False, pad=pad)
+        q, k, v, beta, w, g, rest, buf = self._features(x, state.conv, step=False, pad=pad)
         with torch.autocast(x.device.type, enabled=False):
             o, S = delta_rule_chunked(
                 q,
@@ -158,6 +164,7 @@ class DeltaNet(Mixer):
                 beta,
                 state.S.to(q.dtype),
                 g=g,
+                w=w,
                 scale=self.scale,
                 chunk_size=self.chunk_size,
             )
@@ -166,8 +173,8 @@ class DeltaNet(Mixer):
 
     # ----- recurrent -------------------------------------------------------------------------
     def _step(self, x_t, state, mask):
-        q, k, v, beta, g, rest, buf = self._features(x_t, state.conv, step=True)
+        q, k, v, beta, w, g, rest, buf = self._features(x_t, state.conv, step=True)
         with torch.autocast(x_t.device.type, enabled=False):
-            o, S = delta_rule_step(q, k, v, beta, state.S.to(q.dtype), g=g, scale=self.scale)
+            o, S = delta_rule_step(q, k, v, beta, state.S.to(q.dtype), g=g, w=w, scale=self.scale)
             o = self._gate(self._norm(o), rest)
         return self._out(o, x_t), DeltaNetState(S.to(state.S.dtype), buf.to(state.conv.dtype))
