@@ -88,6 +88,13 @@ POST_TRAINING: dict[str, dict[str, list[tuple[str, str, str]]]] = {
         "int4 / int8 KV cache (per token)": [
             (_BASE, f"{_BASE}[attention.kv_bits={b}]", f"{_BASE} + int{b} KV") for b in (4, 8)
         ],
+        "KIVI int4 (per-channel keys, R = 32)": [
+            (
+                _BASE,
+                f"{_BASE}[attention.kv_bits=4,attention.kv_residual=32]",
+                f"{_BASE} + KIVI int4",
+            )
+        ],
         "H2O (token budget)": [
             (_BASE, _evicting("h2o", B), f"{_BASE} + H2O, B = {B}") for B in (32, 128)
         ],

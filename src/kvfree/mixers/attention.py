@@ -22,6 +22,8 @@ batch row (``KVCache.carried_bytes``; ``allocated_bytes`` adds the spare capacit
 Quantised cache (``kv_bits=8|4``, full attention only): the cache stores b-bit codes of every key
 (after RoPE) and value vector, coded alone per group of ``kv_group`` channels, with fp16 scales and
 minima (:mod:`kvfree.mixers.kv_quant`); the parallel form reads the same dequantised x̂ as decode.
+With ``kv_residual=R`` it is KIVI's cache instead (:mod:`kvfree.mixers.kv_kivi`): keys coded per
+channel over blocks of R tokens, values per token, the unfinished block exact.
 
 Sink position policies (window + sinks):
 - ``"absolute"``: keys keep their original RoPE positions; the parallel form applies the same
@@ -48,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfree.mixers import kv_kivi
 from kvfree.mixers import kv_quant as kvq
 from kvfree.mixers.base import (
     Mixer,
@@ -132,6 +135,7 @@ class Attention(Mixer):
         kv_bits: int | None = None,
         kv_group: int | None = None,
         kv_scale_dtype: str = "auto",
+        kv_residual: int | None = None,
     ):
         super().__init__(d_model)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -165,7 +169,7 @@ class Attention(Mixer):
             raise ValueError(f"q_block must be >= 1, got {q_block}")
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
-        self._init_kv_quant(kv_bits, kv_group, kv_scale_dtype, head_dim, window)
+        self._init_kv_quant(kv_bits, kv_group, kv_scale_dtype, head_dim, window, kv_residual)
         self.H, self.n_kv, self.dh = num_heads, num_kv_heads, head_dim
         self.g = num_heads // num_kv_heads
         self.positions, self.rope_base = positions, float(rope_base)
@@ -174,16 +178,22 @@ class Attention(Mixer):
         self.rolling = sink_positions == "rolling" and positions == "rope"
         self.fixed_memory = window is not None
         # sinks are each row's first tokens, which padding moves: no padded batches with sinks
-        self.supports_padding = type(self).supports_padding and not sinks
+        # and a KIVI block's per-channel scales would mix a row's padding into its first block
+        self.supports_padding = type(self).supports_padding and not sinks and not kv_residual
         self.q_proj = nn.Linear(d_model, self.H * self.dh, bias=False)
         self.k_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
         self.v_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.H * self.dh, d_model, bias=False)
 
-    def _init_kv_quant(self, bits, group, scale_dtype, head_dim, window) -> None:
+    def _init_kv_quant(self, bits, group, scale_dtype, head_dim, window, residual) -> None:
         """``kv_bits``: the cache stores b-bit codes per group of ``kv_group`` channels
-        (kv_quant.py)."""
-        self.kv_bits, self.kv_group = bits, group or head_dim
+        (kv_quant.py); with ``kv_residual`` KIVI's per-channel key blocks (kv_kivi.py)."""
+        self.kv_bits, self.kv_group, self.kv_residual = bits, group or head_dim, residual
+        if residual is not None and (bits is None or residual < 1 or (bits == 4 and residual % 2)):
+            raise ValueError(
+                f"kv_residual={residual}: KIVI's block of R tokens needs kv_bits=8|4 and R >= 1 "
+                "(even for 4 bits: two codes per byte)"
+            )
         if bits is None:
             return
         if bits not in (4, 8):
@@ -211,7 +221,10 @@ class Attention(Mixer):
         return None if self.window is None else self.sinks + self.window
 
     # ----- state -------------------------------------------------------------------------
-    def init_state(self, batch, *, device=None, dtype=None) -> KVCache | kvq.QuantKVCache:
+    def init_state(self, batch, *, device=None, dtype=None):
+        if self.kv_residual:
+            dtype = dtype or torch.get_default_dtype()
+            return kv_kivi.empty_cache(batch, *self._kivi_args(dtype), dtype, device)
         if self.kv_bits:
             return kvq.empty_cache(
                 batch,
@@ -228,7 +241,19 @@ class Attention(Mixer):
         k = torch.zeros(batch, self.n_kv, cap, self.dh, device=device, dtype=dtype)
         return KVCache(k, torch.zeros_like(k), sinks=self.sinks, window=self.window or 0)
 
+    def _kivi_args(self, dtype) -> tuple:
+        R = self.kv_residual
+        return self.n_kv, self.dh, self.kv_bits, self.kv_group, R, self._scale_dtype(dtype)
+
     def state_formula(self) -> str:
+        if self.kv_residual:
+            b, G, R = self.kv_bits, self.kv_group, self.kv_residual
+            return (
+                f"n_kv·(nR·d_h·b/8 + n·2d_h + nR·(d_h·b/8 + 2·d_h/G) + 2r·d_h), n = ⌊T/R⌋, "
+                f"r = T − nR = {self.n_kv}·(nR·{self.dh}·{b}/8 + n·2·{self.dh} + nR·({self.dh}·"
+                f"{b}/8 + 2·{self.dh}/{G}) + 2r·{self.dh}), R = {R} (KIVI: per-channel key "
+                f"blocks, per-token values, exact residual; scales {self.kv_scale_dtype})"
+            )
         if self.kv_bits:
             b, G = self.kv_bits, self.kv_group
             return (
@@ -243,12 +268,20 @@ class Attention(Mixer):
         )
 
     def state_size(self, seq_len: int) -> int:
+        if self.kv_residual:  # stored items: code bytes, scale/min entries, residual values
+            (n, r), dh, b = divmod(seq_len, self.kv_residual), self.dh, self.kv_bits
+            R = self.kv_residual
+            per_head = n * R * dh * b // 8 + n * 2 * dh
+            per_head += n * R * (dh * b // 8 + 2 * self._groups) + 2 * r * dh
+            return self.n_kv * per_head
         if self.kv_bits:  # stored items: code bytes + scale/min entries
             return 2 * seq_len * self.n_kv * (self.dh * self.kv_bits // 8 + 2 * self._groups)
         n = seq_len if self.slots is None else min(seq_len, self.slots)
         return 2 * n * self.n_kv * self.dh
 
     def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        if self.kv_residual:
+            return kv_kivi.nbytes(seq_len, *self._kivi_args(dtype), dtype)
         if not self.kv_bits:
             return super().state_nbytes(seq_len, dtype)
         args = (self.n_kv, self.dh, self.kv_bits, self.kv_group, self._scale_dtype(dtype))
@@ -259,6 +292,17 @@ class Attention(Mixer):
         return self.dh // self.kv_group
 
     def _check_state(self, state, batch: int) -> None:
+        if self.kv_residual:
+            if not isinstance(state, kv_kivi.KIVICache) or state.k_res.shape[:2] != (
+                batch,
+                self.n_kv,
+            ):
+                raise TypeError(
+                    f"a kv_residual={self.kv_residual} layer expects a KIVICache state of batch "
+                    f"{batch} and {self.n_kv} KV heads, got {type(state).__name__}; use "
+                    "init_state(batch) or a state it returned"
+                )
+            return
         if self.kv_bits:
             if not isinstance(state, kvq.QuantKVCache):
                 raise TypeError(
@@ -331,6 +375,10 @@ class Attention(Mixer):
         pos = torch.arange(T0, T0 + T, device=x.device)
         q_rot = self._rope(q, row_positions(pos, rows))  # (no rolling policy with padding)
         k_store = k if self.rolling else self._rope(k, row_positions(pos, rows))
+        if self.kv_residual:
+            o, new_state = self._kivi(q_rot, k_store, v, state)
+            y = o.transpose(1, 2).reshape(B, T, self.H * self.dh)
+            return self.o_proj(y.to(x.dtype)), new_state
         if self.kv_bits:
             K, V, new_state = self._extend_quantized(state, k_store, v)
             o = self._blocks(q_rot, None, K, V, T0, 0, 0, rows)
@@ -393,6 +441,14 @@ class Attention(Mixer):
         V = torch.cat([state.values(self.kv_bits, v.dtype), v_hat], dim=2)
         return K, V, new_state
 
+    def _kivi(self, q, k, v, state):
+        """KIVI: append k, v, read under the block rule (kv_kivi.py) → o [B, H, T, d_h], state."""
+        bits, group, R = self.kv_bits, self.kv_group, self.kv_residual
+        K_hat, K, V_hat, V, new = kv_kivi.extend(
+            state, k, v, bits, group, R, self._scale_dtype(k.dtype)
+        )
+        return kv_kivi.attend(q, K_hat, K, V_hat, V, state.length, R, self.g, self.q_block), new
+
     def _blocks(self, q, q_sink, K, V, T0, a, tail0, rows=None):
         """Blockwise SDPA. q [B, H, T, d_h] at positions T0..T0+T−1; K, V chronological with
         index↔position map (a, tail0); q_sink: queries rotated for sink keys (rolling only);
@@ -433,6 +489,9 @@ class Attention(Mixer):
         pos = row_positions(torch.full((1,), state.length, device=x_t.device), state.pad)
         if not self.rolling:
             q, k = self._rope(q, pos), self._rope(k, pos)
+        if self.kv_residual:
+            o, new = self._kivi(q, k, v, state)
+            return self.o_proj(o.reshape(B, self.H * self.dh).to(x_t.dtype)), new
         if self.kv_bits:
             K, V, new = self._extend_quantized(state, k, v)
             keys = torch.arange(new.filled, device=x_t.device)
@@ -493,6 +552,7 @@ class Attention(Mixer):
     def extra_repr(self) -> str:
         extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""
         extra += f", kv_bits={self.kv_bits}, kv_group={self.kv_group}" if self.kv_bits else ""
+        extra += f", kv_residual={self.kv_residual}" if self.kv_residual else ""
         pol = f", sink_positions={self.sink_positions}" if self.window else ""
         return (
             f"d_model={self.d_model}, heads={self.H}, kv_heads={self.n_kv}, "

@@ -17,8 +17,8 @@ Glossary (per KV head and token t; ``b`` bits, groups of G channels of d_h):
 Quantisation is **per token** for keys and values (each cached vector is coded on its own), so it
 is causal: the parallel form reads x̂ of every key, exactly what decode stores, and the mixer
 contract (parallel = step = chunked prefill) holds exactly. KIVI itself quantises keys per
-channel over groups of tokens with a full-precision residual window; that variant reads a key
-differently before and after its group is complete and is not implemented here.
+channel over blocks of tokens with a full-precision residual: :mod:`kvfree.mixers.kv_kivi`
+(``kv_residual=R``).
 
 Carried bytes per token and KV head: 2·(d_h·b/8 + 2·(d_h/G)·|scale|) — the codes and the
 (scale, min) pairs of keys and values.
