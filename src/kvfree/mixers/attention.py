@@ -50,8 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfree.mixers import kv_kivi
-from kvfree.mixers import kv_quant as kvq
+from kvfree.mixers.attention_kv import QuantizedKV
 from kvfree.mixers.base import (
     Mixer,
     grow_padding,
@@ -107,7 +106,7 @@ class KVCache(State):
         return self.chronological(self.k), self.chronological(self.v)
 
 
-class Attention(Mixer):
+class Attention(QuantizedKV, Mixer):
     """Softmax attention over a KV cache: o_t = Σ_{j∈V(t)} softmax_j(q_t·k_j/√d_h) v_j, y_t =
     W_o concat_h o_t (Vaswani et al. eq. 1), with GQA, RoPE, sliding window and sinks; the
     cache carries 2·filled·n_kv·d_h values per row (docs/baselines.md §1, §8). Full glossary in
@@ -185,36 +184,6 @@ class Attention(Mixer):
         self.v_proj = nn.Linear(d_model, self.n_kv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.H * self.dh, d_model, bias=False)
 
-    def _init_kv_quant(self, bits, group, scale_dtype, head_dim, window, residual) -> None:
-        """``kv_bits``: the cache stores b-bit codes per group of ``kv_group`` channels
-        (kv_quant.py); with ``kv_residual`` KIVI's per-channel key blocks (kv_kivi.py)."""
-        self.kv_bits, self.kv_group, self.kv_residual = bits, group or head_dim, residual
-        if residual is not None and (bits is None or residual < 1 or (bits == 4 and residual % 2)):
-            raise ValueError(
-                f"kv_residual={residual}: KIVI's block of R tokens needs kv_bits=8|4 and R >= 1 "
-                "(even for 4 bits: two codes per byte)"
-            )
-        if bits is None:
-            return
-        if bits not in (4, 8):
-            raise ValueError(f"kv_bits must be 4, 8 or None (unquantised), got {bits}")
-        if window is not None:
-            raise ValueError("kv_bits quantises the full KV cache; it does not take a window yet")
-        if head_dim % self.kv_group or (bits == 4 and head_dim % 2):
-            raise ValueError(
-                f"kv_group={self.kv_group} must divide head_dim={head_dim} (and 4-bit codes "
-                "need an even head_dim: two per byte)"
-            )
-        if scale_dtype != "auto" and scale_dtype not in kvq.SCALE_DTYPES:
-            raise unknown_keys_error("kv_scale_dtype", [scale_dtype], ["auto", *kvq.SCALE_DTYPES])
-        self.kv_scale_dtype = scale_dtype
-
-    def _scale_dtype(self, dtype) -> torch.dtype:
-        """Scales and minima: fp16 (KIVI), float64 in a float64 model under ``"auto"``."""
-        if self.kv_scale_dtype == "auto":
-            return torch.float64 if dtype == torch.float64 else torch.float16
-        return kvq.SCALE_DTYPES[self.kv_scale_dtype]
-
     @property
     def slots(self) -> int | None:
         """Maximum cache slots: s+W with a window, None (unbounded) for full attention."""
@@ -222,45 +191,17 @@ class Attention(Mixer):
 
     # ----- state -------------------------------------------------------------------------
     def init_state(self, batch, *, device=None, dtype=None):
-        if self.kv_residual:
-            dtype = dtype or torch.get_default_dtype()
-            return kv_kivi.empty_cache(batch, *self._kivi_args(dtype), dtype, device)
         if self.kv_bits:
-            return kvq.empty_cache(
-                batch,
-                self.n_kv,
-                self.dh,
-                self.kv_bits,
-                self.kv_group,
-                self._scale_dtype(dtype or torch.get_default_dtype()),
-                device,
-            )
+            return self._quant_init_state(batch, device, dtype or torch.get_default_dtype())
         cap = 0
         if self.max_len is not None:
             cap = self.max_len if self.slots is None else min(self.max_len, self.slots)
         k = torch.zeros(batch, self.n_kv, cap, self.dh, device=device, dtype=dtype)
         return KVCache(k, torch.zeros_like(k), sinks=self.sinks, window=self.window or 0)
 
-    def _kivi_args(self, dtype) -> tuple:
-        R = self.kv_residual
-        return self.n_kv, self.dh, self.kv_bits, self.kv_group, R, self._scale_dtype(dtype)
-
     def state_formula(self) -> str:
-        if self.kv_residual:
-            b, G, R = self.kv_bits, self.kv_group, self.kv_residual
-            return (
-                f"n_kv·(nR·d_h·b/8 + n·2d_h + nR·(d_h·b/8 + 2·d_h/G) + 2r·d_h), n = ⌊T/R⌋, "
-                f"r = T − nR = {self.n_kv}·(nR·{self.dh}·{b}/8 + n·2·{self.dh} + nR·({self.dh}·"
-                f"{b}/8 + 2·{self.dh}/{G}) + 2r·{self.dh}), R = {R} (KIVI: per-channel key "
-                f"blocks, per-token values, exact residual; scales {self.kv_scale_dtype})"
-            )
         if self.kv_bits:
-            b, G = self.kv_bits, self.kv_group
-            return (
-                f"2·T·n_kv·(d_h·b/8 + 2·d_h/G) = 2·T·{self.n_kv}·({self.dh}·{b}/8 + "
-                f"2·{self.dh}/{G}) (bytes of codes + (scale, min) items of "
-                f"{self.kv_scale_dtype}: fp16, float64 in a float64 model under auto)"
-            )
+            return self._quant_formula()
         if self.slots is None:
             return f"2·T·n_kv·d_h = 2·T·{self.n_kv}·{self.dh}"
         return (
@@ -268,55 +209,19 @@ class Attention(Mixer):
         )
 
     def state_size(self, seq_len: int) -> int:
-        if self.kv_residual:  # stored items: code bytes, scale/min entries, residual values
-            (n, r), dh, b = divmod(seq_len, self.kv_residual), self.dh, self.kv_bits
-            R = self.kv_residual
-            per_head = n * R * dh * b // 8 + n * 2 * dh
-            per_head += n * R * (dh * b // 8 + 2 * self._groups) + 2 * r * dh
-            return self.n_kv * per_head
-        if self.kv_bits:  # stored items: code bytes + scale/min entries
-            return 2 * seq_len * self.n_kv * (self.dh * self.kv_bits // 8 + 2 * self._groups)
+        if self.kv_bits:
+            return self._quant_size(seq_len)
         n = seq_len if self.slots is None else min(seq_len, self.slots)
         return 2 * n * self.n_kv * self.dh
 
     def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        if self.kv_residual:
-            return kv_kivi.nbytes(seq_len, *self._kivi_args(dtype), dtype)
-        if not self.kv_bits:
-            return super().state_nbytes(seq_len, dtype)
-        args = (self.n_kv, self.dh, self.kv_bits, self.kv_group, self._scale_dtype(dtype))
-        return seq_len * kvq.nbytes_per_token(*args)
-
-    @property
-    def _groups(self) -> int:
-        return self.dh // self.kv_group
+        if self.kv_bits:
+            return self._quant_nbytes(seq_len, dtype)
+        return super().state_nbytes(seq_len, dtype)
 
     def _check_state(self, state, batch: int) -> None:
-        if self.kv_residual:
-            if not isinstance(state, kv_kivi.KIVICache) or state.k_res.shape[:2] != (
-                batch,
-                self.n_kv,
-            ):
-                raise TypeError(
-                    f"a kv_residual={self.kv_residual} layer expects a KIVICache state of batch "
-                    f"{batch} and {self.n_kv} KV heads, got {type(state).__name__}; use "
-                    "init_state(batch) or a state it returned"
-                )
-            return
         if self.kv_bits:
-            if not isinstance(state, kvq.QuantKVCache):
-                raise TypeError(
-                    f"a kv_bits={self.kv_bits} layer expects a QuantKVCache state, got "
-                    f"{type(state).__name__}; use init_state(batch) or a state it returned"
-                )
-            B, n_kv, _, width = state.k_codes.shape
-            want = (batch, self.n_kv, self.dh * self.kv_bits // 8)
-            if (B, n_kv, width) != want:
-                raise ValueError(
-                    f"QuantKVCache has [batch, n_kv, code bytes] = {[B, n_kv, width]}, "
-                    f"expected {list(want)}"
-                )
-            return
+            return self._check_quant_state(state, batch)
         if not isinstance(state, KVCache):
             raise TypeError(
                 f"Attention expects a KVCache state, got {type(state).__name__}; "
@@ -428,26 +333,6 @@ class Attention(Mixer):
             kb = torch.cat([K[:, :, :n_sink], K[:, :, keep:]], dim=2)
             vb = torch.cat([V[:, :, :n_sink], V[:, :, keep:]], dim=2)
         return K, V, KVCache(kb, vb, T0 + T, n_sink + n_ring, 0, self.sinks, self.window)
-
-    def _extend_quantized(self, state, k, v):
-        """kv_bits: quantise the T new keys/values; (K̂, V̂) over cache + new, new state."""
-        args = (self.kv_bits, self.kv_group, self._scale_dtype(k.dtype))
-        k_hat, kq = kvq.round_trip(k, *args)
-        v_hat, vq = kvq.round_trip(v, *args)
-        new_state = kvq.append(state, kq, vq, k.shape[2])
-        if not state.filled:
-            return k_hat, v_hat, new_state
-        K = torch.cat([state.keys(self.kv_bits, k.dtype), k_hat], dim=2)
-        V = torch.cat([state.values(self.kv_bits, v.dtype), v_hat], dim=2)
-        return K, V, new_state
-
-    def _kivi(self, q, k, v, state):
-        """KIVI: append k, v, read under the block rule (kv_kivi.py) → o [B, H, T, d_h], state."""
-        bits, group, R = self.kv_bits, self.kv_group, self.kv_residual
-        K_hat, K, V_hat, V, new = kv_kivi.extend(
-            state, k, v, bits, group, R, self._scale_dtype(k.dtype)
-        )
-        return kv_kivi.attend(q, K_hat, K, V_hat, V, state.length, R, self.g, self.q_block), new
 
     def _blocks(self, q, q_sink, K, V, T0, a, tail0, rows=None):
         """Blockwise SDPA. q [B, H, T, d_h] at positions T0..T0+T−1; K, V chronological with
