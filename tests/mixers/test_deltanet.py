@@ -8,13 +8,17 @@ from kvfree.mixers.deltanet import DeltaNetState
 from tests.contract import F64, MixerContract, assert_close, err_ratio
 
 
-def delta_layer_reference(m, x, state, gated: bool, channel: bool = False):
+def delta_layer_reference(m, x, state, gated: bool, channel: bool = False, gdn2: bool = False):
     """Plain per-token (Gated) DeltaNet layer: conv window + SiLU, l2norm, β = σ(b),
     [α = exp(−exp(A_log)·softplus(a + dt_bias))], S = (I − β k kᵀ) Diag(α) S + β k vᵀ,
     o = scale·Sᵀq, RMSNorm over d_v [⊙ SiLU(r)], o_proj. ``channel``: α per key channel (KDA,
-    a has H·d_k logits), else one per head."""
+    a has H·d_k logits), else one per head. ``gdn2`` (implies ``channel``): GDN-2's erase gate
+    b = σ(·) [d_k] and write gate w = σ(·) [d_v], S = (I − k (b⊙k)ᵀ) Diag(α) S + k (w⊙v)ᵀ, and
+    a σ(r) output gate."""
     Bsz, T, _ = x.shape
     H, dk, dv, K, Cq = m.H, m.dk, m.dv, m.conv_size, m.qkv_dim
+    channel = channel or gdn2
+    nb, na = (H * dk if gdn2 else H), (H * dk if channel else H)
     S = state.S if state is not None else x.new_zeros(Bsz, H, dk, dv)
     hist = (
         list(state.conv.unbind(1))
@@ -25,6 +29,8 @@ def delta_layer_reference(m, x, state, gated: bool, channel: bool = False):
     ys = []
     for t in range(T):
         u = m.in_proj(x[:, t])
+        b, a, r, w = u[:, Cq:].split([nb, na if gated else 0, H * dv if gated else 0,
+                                      H * dv if gdn2 else 0], -1)  # fmt: skip
         hist.append(u[:, :Cq])
         win = hist[len(hist) - K :]
         c = F.silu(sum(m.conv.weight[:, i] * win[i] for i in range(K)))
@@ -33,19 +39,26 @@ def delta_layer_reference(m, x, state, gated: bool, channel: bool = False):
         q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
         k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
         v = c[:, 2 * H * dk :].reshape(Bsz, H, dv)
-        beta = torch.sigmoid(u[:, Cq : Cq + H])[..., None, None]
-        alpha, na = 1.0, (H * dk if channel else H)
+        alpha = 1.0
         if gated:
-            a = u[:, Cq + H : Cq + H + na]
             A = torch.exp(m.A_log).repeat_interleave(dk) if channel else torch.exp(m.A_log)
             alpha = torch.exp(-A * F.softplus(a + m.dt_bias))
             alpha = alpha.reshape(Bsz, H, dk, 1) if channel else alpha[..., None, None]
-        kkT = k[..., :, None] * k[..., None, :]
-        S = (eye - beta * kkT) @ (alpha * S) + beta * k[..., :, None] * v[..., None, :]
+        if gdn2:
+            e, u_w = (
+                torch.sigmoid(b).reshape(Bsz, H, dk) * k,
+                torch.sigmoid(w).reshape(Bsz, H, dv) * v,
+            )
+        else:
+            beta = torch.sigmoid(b)[..., None]
+            e, u_w = beta * k, beta * v
+        erase = eye - k[..., :, None] * e[..., None, :]
+        S = erase @ (alpha * S) + k[..., :, None] * u_w[..., None, :]
         o = m.scale * torch.einsum("bhkv,bhk->bhv", S, q)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + m.o_norm.eps) * m.o_norm.weight
         if gated:
-            o = o * F.silu(u[:, Cq + H + na :].reshape(Bsz, H, dv))
+            gate = torch.sigmoid if gdn2 else F.silu
+            o = o * gate(r.reshape(Bsz, H, dv))
         ys.append(m.o_proj(o.reshape(Bsz, H * dv)))
     return torch.stack(ys, 1), DeltaNetState(S, torch.stack(hist[len(hist) - (K - 1) :], 1))
 

@@ -1,53 +1,15 @@
-"""Gated DeltaNet-2: the mixer contract against a per-token loop written here; the chunked core
-with channel-wise erase/write gates against the naive recurrence (values and gradients); scalar
-gates give KDA's core."""
+"""Gated DeltaNet-2: the mixer contract against the delta-rule layers' per-token loop (test_deltanet, GDN-2
+branch); the chunked core with channel-wise erase/write gates against the naive recurrence (values
+and gradients); scalar gates give KDA's core."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kvfree.mixers import build_mixer
 from kvfree.mixers.delta_rule import delta_rule_chunked
-from kvfree.mixers.deltanet import DeltaNetState
 from tests.contract import F64, MixerContract, assert_close
-from tests.mixers.test_deltanet import compare_core
+from tests.mixers.test_deltanet import compare_core, delta_layer_reference
 from tests.mixers.test_kda import channel_inputs
-
-
-def gdn2_reference(m, x, state):
-    """Per token: conv window + SiLU, l2norm, b = σ(·) [d_k], w = σ(·) [d_v], α per channel,
-    S = (I − k (b⊙k)ᵀ) Diag(α) S + k (w⊙v)ᵀ, o = scale·Sᵀq, RMSNorm ⊙ σ(r), o_proj."""
-    Bsz, T, _ = x.shape
-    H, dk, dv, K, Cq = m.H, m.dk, m.dv, m.conv_size, m.qkv_dim
-    S = state.S if state is not None else x.new_zeros(Bsz, H, dk, dv)
-    hist = (
-        list(state.conv.unbind(1))
-        if state is not None
-        else [x.new_zeros(Bsz, Cq) for _ in range(K - 1)]
-    )
-    eye = torch.eye(dk, dtype=x.dtype)
-    ys = []
-    for t in range(T):
-        u = m.in_proj(x[:, t])
-        b, a, r, w = u[:, Cq:].split([H * dk, H * dk, H * dv, H * dv], -1)
-        hist.append(u[:, :Cq])
-        win = hist[len(hist) - K :]
-        c = F.silu(sum(m.conv.weight[:, i] * win[i] for i in range(K)))
-        q, k, v = c.split([H * dk, H * dk, H * dv], -1)
-        q, k, v = q.reshape(Bsz, H, dk), k.reshape(Bsz, H, dk), v.reshape(Bsz, H, dv)
-        q = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
-        k = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
-        b = torch.sigmoid(b).reshape(Bsz, H, dk)
-        w = torch.sigmoid(w).reshape(Bsz, H, dv)
-        A = torch.exp(m.A_log).repeat_interleave(dk)
-        alpha = torch.exp(-A * F.softplus(a + m.dt_bias)).reshape(Bsz, H, dk, 1)
-        erase = eye - k[..., :, None] * (b * k)[..., None, :]
-        S = erase @ (alpha * S) + k[..., :, None] * (w * v)[..., None, :]
-        o = m.scale * torch.einsum("bhkv,bhk->bhv", S, q)
-        o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + m.o_norm.eps) * m.o_norm.weight
-        o = o * torch.sigmoid(r.reshape(Bsz, H, dv))
-        ys.append(m.o_proj(o.reshape(Bsz, H * dv)))
-    return torch.stack(ys, 1), DeltaNetState(S, torch.stack(hist[len(hist) - (K - 1) :], 1))
 
 
 class TestGDN2(MixerContract):
@@ -59,7 +21,7 @@ class TestGDN2(MixerContract):
     ]
 
     def reference(self, m, x, state, mask):
-        return gdn2_reference(m, x, state)
+        return delta_layer_reference(m, x, state, gated=True, gdn2=True)
 
 
 def naive_gdn2_rule(q, k, v, b, S0, scale, g, w):
