@@ -1,6 +1,6 @@
-"""Gated DeltaNet-2: the mixer contract against the delta-rule layers' per-token loop (test_deltanet, GDN-2
-branch); the chunked core with channel-wise erase/write gates against the naive recurrence (values
-and gradients); scalar gates give KDA's core."""
+"""Gated DeltaNet-2: the mixer contract against the delta-rule layers' per-token loop
+(test_deltanet, its GDN-2 branch); the chunked core with channel-wise erase/write gates against
+the naive recurrence (values and gradients); scalar gates give KDA's core."""
 
 import pytest
 import torch
