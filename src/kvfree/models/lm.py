@@ -53,19 +53,18 @@ class LeftPadded:
 
     def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A [B, T, ...] tensor of the original layout in the left-padded layout."""
-        if t is None or self.shift is None:
-            return t
-        T = t.shape[1]
-        idx = (torch.arange(T, device=t.device) + self.shift[:, None].to(t.device)) % T
-        return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand_as(t))
+        return t if t is None or self.shift is None else _roll_rows(t, self.shift)
 
     def restore(self, t: torch.Tensor) -> torch.Tensor:
         """Back from the left-padded layout to the original one."""
-        if self.shift is None:
-            return t
-        T = t.shape[1]
-        idx = (torch.arange(T, device=t.device) - self.shift[:, None].to(t.device)) % T
-        return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand_as(t))
+        return t if self.shift is None else _roll_rows(t, -self.shift)
+
+
+def _roll_rows(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row b of t [B, T, ...] read from position (t + shift_b) mod T."""
+    T = t.shape[1]
+    idx = (torch.arange(T, device=t.device) + shift[:, None].to(t.device)) % T
+    return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand_as(t))
 
 
 def left_padded(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> LeftPadded | None:
