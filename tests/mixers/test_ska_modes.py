@@ -57,6 +57,25 @@ PREFIX_CONFIGS = [
 class TestPrefixModes:
     T, A = 50, 23  # sequence length, prefix length
 
+    def test_padded_batch_equals_each_sequence_alone(self, cfg):
+        """Left padding (garbage inputs, mask 1 there too) writes nothing and does not count
+        towards seqmax: each row's operator, outputs and decode steps are its own."""
+        m = make(**cfg)
+        lengths = (self.T, 31, 9)
+        x, xs = inputs(self.T, B=3, seed=4), inputs(4, B=3, seed=5)
+        left_pad = torch.tensor([self.T - n for n in lengths])
+        mask = torch.ones(3, self.T, dtype=torch.float64)  # padding claims to write: ignored
+        for b, n in enumerate(lengths):
+            mask[b, self.T - n + min(n, self.A) :] = 0.0  # each row's own prefix of ≤ A tokens
+        with torch.no_grad():
+            y, s = m(x, None, mask, left_pad=left_pad)
+            ys, _ = run_steps(m, xs, s)
+            for b, p in enumerate(left_pad.tolist()):
+                y_b, s_b = m(x[b : b + 1, p:], None, mask[b : b + 1, p:])
+                ys_b, _ = run_steps(m, xs[b : b + 1], s_b)
+                assert_close(f"row {b} output", y_b[0], y[b, p:], **F64)
+                assert_close(f"row {b} decode", ys_b[0], ys[b], **F64)
+
     def test_parallel_equals_prefill_plus_frozen_decode(self, cfg):
         m = make(**cfg)
         x = inputs(self.T)
