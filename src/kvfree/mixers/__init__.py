@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "attention_h2o": "kvfree.mixers.kv_evict:H2OAttention",
     "attention_snapkv": "kvfree.mixers.kv_evict:SnapKVAttention",
     "mamba2": "kvfree.mixers.mamba2:Mamba2",
+    "mamba3": "kvfree.mixers.mamba3:Mamba3",
     "deltanet": "kvfree.mixers.deltanet:DeltaNet",
     "gated_deltanet": "kvfree.mixers.gated_deltanet:GatedDeltaNet",
     "kda": "kvfree.mixers.kda:KimiDeltaAttention",

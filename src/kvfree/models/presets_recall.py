@@ -14,6 +14,7 @@
 | recall-fdm               | fdm ×2 (MQAR variant)         | fixed: scan + global top-16 cache     |
 | recall-kda               | kda ×2 (2 h, per-channel α)   | fixed                                 |
 | recall-gdn2              | gdn2 ×2 (2 h, erase/write b, w) | fixed                               |
+| recall-mamba3            | mamba3 ×2 (SISO, N = 16)      | fixed                                 |
 | recall-mla               | mla ×2 (d_c 32, d_r 16)       | latent cache: 48 values per token     |
 | recall-gdn-attn          | gated_deltanet, attention     | hybrid: grows in the attention layer  |
 | recall-gdn-swa           | gated_deltanet, attention W64 | hybrid: fixed (GDN + a 64-token ring) |
@@ -105,6 +106,7 @@ PRESETS = {
     "recall-mesanet": lambda: _cfg(["mesanet", "mesanet"], mesanet=dict(MESANET_RECIPE)),
     "recall-kda": lambda: _cfg(["kda", "kda"], kda=dict(num_heads=2, chunk_size=16)),
     "recall-gdn2": lambda: _cfg(["gdn2", "gdn2"], gdn2=dict(num_heads=2, chunk_size=16)),
+    "recall-mamba3": lambda: _cfg(["mamba3", "mamba3"], mamba3=dict(chunk_size=16)),
     "recall-mla": lambda: _cfg(
         ["mla", "mla"], mla=dict(num_heads=2, latent_dim=32, rope_dim=16, positions="rope")
     ),
