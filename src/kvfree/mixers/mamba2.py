@@ -57,6 +57,21 @@ def dt_bias_init(
     return (dt + torch.log(-torch.expm1(-dt))).float()  # softplus⁻¹(dt)
 
 
+def ssm_heads(d_model: int, expand: float, head_dim: int, ngroups: int) -> tuple[int, int]:
+    """d_in = expand·d_model and the number of heads H = d_in / head_dim (checked: head_dim
+    divides d_in, ngroups divides H) of a Mamba layer."""
+    d_in = int(expand * d_model)
+    if head_dim <= 0 or d_in % head_dim:
+        raise ValueError(
+            f"d_in = expand·d_model = {d_in} is not divisible by "
+            f"head_dim={head_dim}; pick head_dim dividing {d_in}"
+        )
+    H = d_in // head_dim
+    if ngroups <= 0 or H % ngroups:
+        raise ValueError(f"ngroups={ngroups} must divide the number of heads H={H}")
+    return d_in, H
+
+
 def ssd_chunked(X, dA, B, C, h0, chunk_size: int):
     """Chunked SSD. X [b, T, H, P] (Δ-scaled), dA [b, T, H] (log-decays Δ·A), B, C [b, T, H, N],
     h0 [b, H, P, N]. Returns Y [b, T, H, P] (without the D skip) and the final state."""
@@ -114,15 +129,7 @@ class Mamba2(Mixer):
         norm_eps: float = 1e-5,
     ):
         super().__init__(d_model)
-        d_in = int(expand * d_model)
-        if head_dim <= 0 or d_in % head_dim:
-            raise ValueError(
-                f"d_in = expand·d_model = {d_in} is not divisible by "
-                f"head_dim={head_dim}; pick head_dim dividing {d_in}"
-            )
-        H = d_in // head_dim
-        if ngroups <= 0 or H % ngroups:
-            raise ValueError(f"ngroups={ngroups} must divide the number of heads H={H}")
+        d_in, H = ssm_heads(d_model, expand, head_dim, ngroups)
         if d_state <= 0 or d_conv <= 0 or chunk_size <= 0:
             raise ValueError(
                 f"d_state, d_conv and chunk_size must be positive, got "

@@ -83,7 +83,7 @@ from torch import nn
 
 from kvfree import perf
 from kvfree.mixers.base import Mixer, formula
-from kvfree.mixers.mamba2 import dt_bias_init, ssd_chunked
+from kvfree.mixers.mamba2 import dt_bias_init, ssd_chunked, ssm_heads
 from kvfree.state import State, carried_dtype, mixed_nbytes
 
 TWO_PI = 2 * math.pi
@@ -173,15 +173,7 @@ class Mamba3(Mixer):
         norm_eps: float = 1e-5,
     ):
         super().__init__(d_model)
-        d_in = int(expand * d_model)
-        if head_dim <= 0 or d_in % head_dim:
-            raise ValueError(
-                f"d_in = expand·d_model = {d_in} is not divisible by "
-                f"head_dim={head_dim}; pick head_dim dividing {d_in}"
-            )
-        H = d_in // head_dim
-        if ngroups <= 0 or H % ngroups:
-            raise ValueError(f"ngroups={ngroups} must divide the number of heads H={H}")
+        d_in, H = ssm_heads(d_model, expand, head_dim, ngroups)
         if d_state <= 0 or chunk_size <= 0:
             raise ValueError(
                 f"d_state and chunk_size must be positive, got {d_state}, {chunk_size}"
