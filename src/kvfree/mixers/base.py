@@ -1,6 +1,6 @@
 """The one contract every token mixer implements (docs/design.md §1).
 
-    y, state   = mixer(x, state=None, mask=None)   # parallel: x [B, T, D] -> y [B, T, D]
+    y, state   = mixer(x, state=None, mask=None, *, left_pad=None)  # parallel: [B, T, D]
     state      = mixer.init_state(batch, device=..., dtype=...)
     y_t, state = mixer.step(x_t, state, mask=None)  # recurrent: x_t [B, D]
 
