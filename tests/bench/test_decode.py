@@ -299,6 +299,21 @@ def test_summary_ratios_and_latency_acceptance():
     assert "+15.0%" in s["fixed"]["line"] and "NO" in s["slow"]["line"]
 
 
+def test_prefill_peak_acceptance_from_512_to_the_largest_n():
+    rows = [_fake_row("flat", n, 1.0, True) for n in (128, 512, 65536)]
+    rows += [_fake_row("grows", n, 1.0, True) for n in (512, 65536)]
+    rows += [_fake_row("kv", n, 1.0, False) for n in (512, 65536)]
+    rows[0]["prefill_peak_bytes"] = 1  # N = 128 does not count
+    rows[2]["prefill_peak_bytes"] = int(1.15 * rows[1]["prefill_peak_bytes"])
+    rows[4]["prefill_peak_bytes"] = int(1.3 * rows[3]["prefill_peak_bytes"])
+    s = {x["model"]: x for x in rep.summarise(rows)}
+    assert s["flat"]["prefill_peak_ratio_512"] == pytest.approx(1.15, abs=1e-3)
+    assert s["flat"]["prefill_peak_ok"] is True and s["grows"]["prefill_peak_ok"] is False
+    assert s["kv"]["prefill_peak_ok"] is None  # a growing cache is not held to it
+    assert "prefill peak N=512→65,536 ×1.15 (≤ ×1.2: yes)" in s["flat"]["line"]
+    assert "(≤ ×1.2: NO)" in s["grows"]["line"] and "≤ ×1.2" not in s["kv"]["line"]
+
+
 def test_outputs_and_readme_section(tmp_path):
     rows = [_fake_row("m", n, 1.0, True) for n in (128, 512)]
     result = {

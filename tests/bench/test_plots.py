@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kvfree.bench.capacity import METHODS, capacity_figure  # noqa: E402
-from kvfree.report.decode_plots import plain_ticks, plot_latency  # noqa: E402
+from kvfree.report.decode_plots import plain_ticks, plot_latency, plot_prefill_peak  # noqa: E402
 
 
 def capacity_rows():
@@ -57,3 +57,6 @@ def test_decode_axes_have_plain_tick_labels(tmp_path):
         for n in ns
     ]
     assert plot_latency(rows, tmp_path / "latency_vs_n.png").stat().st_size > 1000
+    for r, chunk in zip(rows, (None, 512, 512, 512)):  # whole prompt, then segments
+        r.update(prefill_peak_bytes=2**20 * r["n"] // 128, prefill_chunk=chunk)
+    assert plot_prefill_peak(rows, tmp_path / "prefill.png").stat().st_size > 1000

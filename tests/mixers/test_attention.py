@@ -148,6 +148,28 @@ def test_max_len_preallocates_and_prefill_writes_in_place():
     assert st.filled == 40 and st.allocated_bytes() == 2 * 2 * 64 * m.n_kv * m.dh * 4
 
 
+def test_segmented_window_prefill_rewrites_the_full_ring_in_place():
+    """Segments after the first overwrite the full ring (old and new cache never both alive)
+    and give what one pass gives; a cache made under inference_mode is copied outside it."""
+    m = make(torch.float32, window=8, sinks=2)
+    x = randn(2, 40, 16, dtype=torch.float32)
+    with torch.no_grad():
+        y_ref, s_ref = m(x)
+        y1, st = m(x[:, :12])
+        ptr = st.k.data_ptr()
+        y2, st = m(x[:, 12:30], st)
+        y3, st = m(x[:, 30:], st)
+    assert st.k.data_ptr() == ptr and st.k.shape[2] == 10, "the ring was reallocated"
+    assert_close("segments", y_ref, torch.cat([y1, y2, y3], 1), atol=1e-6, ratio=1e-6)
+    assert_states_close("ring", s_ref, st, atol=1e-6, ratio=1e-6)
+    with torch.inference_mode():
+        _, st_inf = m(x[:, :12])
+    with torch.no_grad():
+        y, st2 = m(x[:, 12:30], st_inf)  # no "inplace update to inference tensor" error
+    assert st2.k.data_ptr() != st_inf.k.data_ptr()
+    assert_close("after inference_mode", y2, y, atol=1e-6, ratio=1e-6)
+
+
 @pytest.mark.parametrize(
     "cfg", [dict(), dict(window=4, sinks=2), dict(window=4, sinks=2, sink_positions="rolling")]
 )

@@ -17,6 +17,9 @@ README_SECTION = "decode"  # <!-- BEGIN decode --> … <!-- END decode --> in th
 #: Acceptance: a fixed-memory model's ms/token may grow at most this much from N=512 to 32768.
 LATENCY_TOLERANCE = 0.20
 ACCEPT_LO, ACCEPT_HI = 512, 32768
+#: a fixed-memory model's prefill peak from N = 512 to the largest N may grow at most this much
+#: (segmented prefill, LanguageModel.prefill)
+PREFILL_PEAK_TOLERANCE = 1.2
 #: FDM paper, decode memory at prompt N (docs/fdm.md §9.4): Transformer *recomputing* the sequence
 #: every token (no KV cache) vs FDM (decode-only peak, W=64), torch.cuda.max_memory_allocated.
 PAPER_WIDTH = 576
@@ -88,6 +91,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             if both and paired[ACCEPT_LO] and paired[ACCEPT_HI]
             else None
         )
+        peak = {r["n"]: r["prefill_peak_bytes"] for r in rs}
+        peak_ratio = (
+            _ratio(peak[hi["n"]], peak[ACCEPT_LO]) if ACCEPT_LO in peak and hi["n"] > 512 else None
+        )
         s = {
             "model": model,
             "fixed_memory": fixed,
@@ -111,6 +118,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             "paired_growth_512_32768": paired_growth,
             "repeats": min(r.get("repeats", 1) for r in rs),
             "latency_ok": None if growth is None or not fixed else growth <= LATENCY_TOLERANCE,
+            "prefill_peak_ratio_512": peak_ratio,
+            "prefill_peak_ok": (
+                None if peak_ratio is None or not fixed else peak_ratio <= PREFILL_PEAK_TOLERANCE
+            ),
         }
         s["line"] = summary_line(s)
         out.append(s)
@@ -143,6 +154,12 @@ def summary_line(s: dict) -> str:
         f"{_x(s['memory_ratio'])} (steady {_x(s['steady_memory_ratio'])}), prefill peak "
         f"{_x(s['prefill_peak_ratio'])}, ms/token {_x(s['latency_ratio'])}"
     )
+    if s.get("prefill_peak_ok") is not None:
+        line += (
+            f"; prefill peak N=512→{s['n_max']:,} {_x(s['prefill_peak_ratio_512'])} (≤ ×1.2: "
+            + ("yes" if s["prefill_peak_ok"] else "NO")
+            + ")"
+        )
     if s["latency_growth_512_32768"] is not None:
         line += f"; ms/token N=512→32768 {100 * s['latency_growth_512_32768']:+.1f}%"
         if s["latency_ok"] is not None:
@@ -474,9 +491,10 @@ def write_outputs(result: dict, out_dir: str | Path, plots: bool = True) -> dict
         "markdown": atomic_write(out_dir / "decode.md", markdown(result)),
     }
     if plots and result["rows"]:
-        from kvfree.report.decode_plots import plot_latency, plot_memory
+        from kvfree.report.decode_plots import plot_latency, plot_memory, plot_prefill_peak
 
         paths["memory_plot"] = plot_memory(result["rows"], out_dir / "memory_vs_n.png")
+        paths["prefill_plot"] = plot_prefill_peak(result["rows"], out_dir / "prefill_peak_vs_n.png")
         paths["latency_plot"] = plot_latency(result["rows"], out_dir / "latency_vs_n.png")
     return paths
 

@@ -11,11 +11,13 @@ called in-process (tests, CUDA).
 Order of a measurement:
 1. build the model (random weights, ``seed``), cast it to ``dtype``, move it to the device;
    count the weight bytes (parameters + buffers);
-2. warm up on a tiny prompt (16 tokens) and decode ``warmup_steps + decode_steps`` tokens from
+2. warm up on a tiny prompt (16 tokens; two segments of 8 when the point's prefill is
+   segmented) and decode ``warmup_steps + decode_steps`` tokens from
    it, timed: the **reference** latency of this process (``ref_ms_median``), then free it;
    **baseline** = memory with the model loaded (probe reset);
-3. prefill the N-token prompt with the parallel form, computing logits for the last position
-   only (what a server needs); **prefill peak** = peak above the baseline;
+3. prefill the N-token prompt (made before the baseline: it is the input) with the parallel
+   form, computing logits for the last position only (what a server needs); **prefill peak**
+   = peak above the baseline;
 4. count the carried state: measured ``state_bytes`` per layer next to ``state_size(N)`` ×
    bytes per element and the mixer's ``state_formula()``;
 5. reset the probe and decode ``warmup_steps + decode_steps`` tokens greedily with ``step``;
@@ -190,10 +192,14 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
     model = build_model(spec, device)
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(spec.seed + 1)
+    segment = segment_of(spec.prefill_chunk)
     with torch.inference_mode():
-        # warm-up on a tiny prompt: loads kernels and allocator pools, then is freed
-        warm_ids = torch.randint(0, V, (spec.batch, min(spec.n, 16)), generator=gen).to(device)
-        logits, st = model.prefill(warm_ids, last_only=True)
+        # warm-up on a tiny prompt: loads kernels and allocator pools, then is freed; in two
+        # segments when the point's prefill is segmented (the carried-state path runs too)
+        warm = min(spec.n, 16)
+        warm_seg = warm // 2 if model.prefill_segment(spec.n, segment) and warm > 1 else None
+        warm_ids = torch.randint(0, V, (spec.batch, warm), generator=gen).to(device)
+        logits, st = model.prefill(warm_ids, last_only=True, segment=warm_seg)
         phases.timing()
         ref_times: list[float] = []
         _decode(
@@ -207,14 +213,14 @@ def _measure(spec: PointSpec, device: torch.device, probe) -> dict:
         )
         del logits, st, warm_ids
         gc.collect()
+        # the prompt is the input, not prefill memory: made before the baseline
+        ids = torch.randint(0, V, (spec.batch, spec.n), generator=gen).to(device)
         phases.measuring_memory()
         base = probe.reset()
         rss_loaded = rss_bytes()
 
-        ids = torch.randint(0, V, (spec.batch, spec.n), generator=gen).to(device)
         sync(device)
         t0 = time.perf_counter()
-        segment = segment_of(spec.prefill_chunk)
         logits, state = model.prefill(ids, last_only=True, segment=segment)
         sync(device)
         prefill_s = time.perf_counter() - t0

@@ -6,6 +6,7 @@ from kvfree.commands import (  # noqa: F401
     bench_fdm_mqar,
     bench_frontier,
     bench_kernels,
+    bench_prefill_speed,
     bench_recall,
     bench_ridge_study,
     bench_train_speed,

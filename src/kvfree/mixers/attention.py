@@ -268,6 +268,8 @@ class Attention(QuantizedKV, Mixer):
     @staticmethod
     def _writable(buf, new) -> bool:
         """In-place writes are safe unless autograd is tracking the buffers (then copy)."""
+        if buf.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # a cache built under inference_mode, extended outside it
         return not (torch.is_grad_enabled() and (buf.requires_grad or new.requires_grad))
 
     # ----- parallel ------------------------------------------------------------------------
@@ -326,10 +328,17 @@ class Attention(QuantizedKV, Mixer):
         V = torch.cat([state.chronological(state.v), v], dim=2)
         n_sink = min(self.sinks, T0 + T)  # sinks are never evicted: K indices [0, n_sink)
         n_ring = min(K.shape[2] - n_sink, self.window)
+        keep = K.shape[2] - n_ring
         if n_sink + n_ring == K.shape[2]:
             kb, vb = K, V
+        elif state.k.shape[2] == n_sink + n_ring and self._writable(state.k, k):
+            # a full ring (every segment of a long prefill after the first): overwrite it in
+            # place from K (a copy), so the old and the new cache are never both alive
+            kb, vb = state.k, state.v
+            for buf, src in ((kb, K), (vb, V)):
+                buf[:, :, :n_sink] = src[:, :, :n_sink]
+                buf[:, :, n_sink:] = src[:, :, keep:]
         else:
-            keep = K.shape[2] - n_ring
             kb = torch.cat([K[:, :, :n_sink], K[:, :, keep:]], dim=2)
             vb = torch.cat([V[:, :, :n_sink], V[:, :, keep:]], dim=2)
         return K, V, KVCache(kb, vb, T0 + T, n_sink + n_ring, 0, self.sinks, self.window)

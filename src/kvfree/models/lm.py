@@ -284,13 +284,15 @@ class LanguageModel(nn.Module):
         if seg is None:
             logits, state = self._prefill_pass(ids, mask, state, last_only, counts)
         else:
-            outs = []
+            outs = []  # every segment's logits; with last_only only the last is kept
             for s in range(0, ids.shape[1], seg):
                 part = None if mask is None else mask[:, s : s + seg]
                 n = None if counts is None else (counts - s).clamp(0, seg)
                 logits, state = self._prefill_pass(ids[:, s : s + seg], part, state, last_only, n)
-                outs.append(logits)
-            logits = outs[-1] if last_only else torch.cat(outs, dim=1)
+                if not last_only:
+                    outs.append(logits)
+            if not last_only:
+                logits = torch.cat(outs, dim=1)
         if lp is not None and not last_only:
             logits = lp.restore(logits)
         return logits, state

@@ -78,6 +78,23 @@ def plot_memory(rows: list[dict], path: str | Path) -> Path:
     return _save(plt, fig, ax, path, "Decode memory above the loaded model", "MiB")
 
 
+def plot_prefill_peak(rows: list[dict], path: str | Path) -> Path:
+    """Prefill peak above the loaded model vs N; open markers: the prompt in segments."""
+    plt, fig, ax = _figure()
+    for i, (model, rs) in enumerate(_series(rows).items()):
+        color = f"C{i % 10}"
+        n = [r["n"] for r in rs]
+        peak = [max(r["prefill_peak_bytes"], 1) / MiB for r in rs]
+        ax.plot(n, peak, "-", color=color, label=model)
+        seg = [r.get("prefill_chunk") is not None for r in rs]
+        for face, pick in ((color, False), ("white", True)):
+            pts = [(x, y) for x, y, s in zip(n, peak, seg) if s is pick]
+            if pts:
+                ax.plot(*zip(*pts), "o", color=color, markerfacecolor=face)
+    title = "Prefill peak above the loaded model (open marker: prompt in segments)"
+    return _save(plt, fig, ax, path, title, "MiB")
+
+
 def plot_latency(rows: list[dict], path: str | Path) -> Path:
     """Median decode ms/token vs N, with the p10–p90 spread as error bars."""
     plt, fig, ax = _figure()

@@ -57,6 +57,11 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "corpus": ("corpus", "corpus.json", "kvfree.commands.data:corpus_markdown"),
     "lm": ("lm", "lm.json", "kvfree.commands.report_lm:lm_markdown"),
     "decode": ("decode", "cpu/decode.json", _decode),
+    "prefill-speed": (
+        "prefill-speed",
+        "prefill_speed.json",
+        "kvfree.bench.prefill_speed:render",
+    ),
     "frontier": ("frontier", "recall_per_byte.json", "kvfree.bench.frontier:markdown"),
     "echo-table2": ("echo-suite", "echo_table2.json", "kvfree.bench.echo_report:markdown"),
     "echo-table3": ("echo-suite", "echo_table3.json", "kvfree.bench.echo_report:markdown"),
