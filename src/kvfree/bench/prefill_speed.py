@@ -95,7 +95,7 @@ def run(
     from tqdm.auto import tqdm
 
     from kvfree.models.lm import PREFILL_SEGMENT
-    from kvfree.report.tables import atomic_write, write_json
+    from kvfree.report.tables import write_result
     from kvfree.utils import environment
 
     segment = PREFILL_SEGMENT if segment is None else segment
@@ -120,9 +120,7 @@ def run(
         "wall_seconds": time.time() - t0,
     }
     result["markdown"] = render(result)
-    out_dir = Path(out_dir)
-    write_json(out_dir / "prefill_speed.json", {k: v for k, v in result.items() if k != "markdown"})
-    atomic_write(out_dir / "prefill_speed.md", result["markdown"] + "\n")
+    write_result(out_dir, "prefill_speed", result)
     return result
 
 

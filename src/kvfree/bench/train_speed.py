@@ -108,7 +108,7 @@ def run(
     """Measure every model in ``rounds`` rounds; write ``train_speed.json`` and ``.md``."""
     from tqdm.auto import tqdm
 
-    from kvfree.report.tables import atomic_write, write_json
+    from kvfree.report.tables import write_result
     from kvfree.utils import environment
 
     if steps < 1 or warmup < 0 or rounds < 1 or threads < 1:
@@ -165,9 +165,7 @@ def run(
         "wall_seconds": time.time() - t0,
     }
     result["markdown"] = render(result)
-    out_dir = Path(out_dir)
-    write_json(out_dir / "train_speed.json", {k: v for k, v in result.items() if k != "markdown"})
-    atomic_write(out_dir / "train_speed.md", result["markdown"] + "\n")
+    write_result(out_dir, "train_speed", result)
     return result
 
 

@@ -65,6 +65,13 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def write_result(out_dir: str | Path, stem: str, result: dict) -> None:
+    """A bench's ``stem.json`` (the record without its ``markdown``) and ``stem.md``."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{stem}.json", {k: v for k, v in result.items() if k != "markdown"})
+    atomic_write(out_dir / f"{stem}.md", result["markdown"] + "\n")
+
+
 def update_readme_section(readme: str | Path, name: str, markdown: str) -> Path:
     """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in the README
     (appending the marked section at the end if absent). Tables in the README are written only
