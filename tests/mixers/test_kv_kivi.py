@@ -85,15 +85,29 @@ class TestKIVIAttention(MixerContract):
         return kivi_reference(m, x, state)
 
 
-def test_bytes_at_the_stored_precision():
-    m = build_mixer("attention", 64, num_heads=2, kv_bits=4, kv_residual=32, kv_group=16)
+class TestKIVIAttentionTwoBit(TestKIVIAttention):
+    """2-bit codes (KIVI-2): one level is a third of a group's range, so the fp16 rounding of a
+    scale (fp32 model) or bf16 arithmetic that moves a code by a level moves the output by far
+    more than at 4 or 8 bits; the float64 contract is as exact as for the others."""
+
+    configs = [
+        dict(kv_bits=2, kv_residual=8, kv_group=8, num_heads=2, q_block=8),  # KIVI-2
+    ]
+    fp32_ratio = 0.05
+    bf16_ratio = 0.3
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_bytes_at_the_stored_precision(bits):
+    m = build_mixer("attention", 64, num_heads=2, kv_bits=bits, kv_residual=32, kv_group=16)
     for T in (20, 64, 100):
         with torch.no_grad():
             _, s = m(torch.randn(1, T, 64))
         assert kvfree.state_bytes(s) == m.state_nbytes(T)
-    n, r = divmod(100, 32)  # 2 KV heads of 32: codes 16 B/token, fp16 scales, fp32 residual
-    keys = n * 32 * 16 + n * 2 * 32 * 2
-    values = n * 32 * (16 + 2 * 2 * 2)
+    n, r = divmod(100, 32)  # 2 KV heads of 32: codes 32·b/8 B/token, fp16 scales, fp32 residual
+    c = 32 * bits // 8
+    keys = n * 32 * c + n * 2 * 32 * 2
+    values = n * 32 * (c + 2 * 2 * 2)
     assert m.state_nbytes(100) == 2 * (keys + values + 2 * r * 32 * 4)
 
 
@@ -120,7 +134,7 @@ def test_kivi_loses_less_than_per_token_codes_on_outlier_key_channels():
 def test_bad_options():
     with pytest.raises(ValueError, match="kv_residual"):
         build_mixer("attention", 16, kv_residual=8)  # no kv_bits
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="multiple of the codes per byte"):
         build_mixer("attention", 16, kv_bits=4, kv_residual=5)
     m = build_mixer("attention", 16, num_heads=2, kv_bits=8, kv_residual=4)
     with pytest.raises(TypeError, match="KIVICache"):

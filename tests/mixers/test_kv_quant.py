@@ -1,4 +1,4 @@
-"""Attention with a quantised KV cache (``kv_bits=8|4``): the mixer contract against a per-token
+"""Attention with a quantised KV cache (``kv_bits=8|4|2``): the mixer contract against a per-token
 loop with its own quantiser, the bytes at the stored precision, and the quantisation error."""
 
 import math
@@ -27,8 +27,9 @@ def quant_ref(x, bits, group, scale_dtype):
 
 
 def pack(codes, bits):
-    c = codes.to(torch.uint8)
-    return c if bits == 8 else c[..., 0::2] | (c[..., 1::2] << 4)
+    """8/bits codes per byte, the first channel of a byte in its low bits (written for the test)."""
+    c, per = codes.to(torch.int64), 8 // bits
+    return sum(c[..., j::per] * 2 ** (bits * j) for j in range(per)).to(torch.uint8)
 
 
 def quant_attention_reference(m, x, state):
@@ -75,7 +76,19 @@ class TestQuantKVAttention(MixerContract):
         return quant_attention_reference(m, x, state)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+class TestQuantKVAttentionTwoBit(TestQuantKVAttention):
+    """2-bit codes (KIVI-2): one level is a third of a group's range, so the fp16 rounding of a
+    scale (fp32 model) or bf16 arithmetic that moves a code by a level moves the output by far
+    more than at 4 or 8 bits; the float64 contract is as exact as for the others."""
+
+    configs = [
+        dict(kv_bits=2, kv_group=8, num_heads=2, q_block=8),
+    ]
+    fp32_ratio = 0.05
+    bf16_ratio = 0.3
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_codes_round_trip_and_error_bound(bits):
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     codes, scale, lo = quantize(x, bits, 8, torch.float32)
@@ -88,7 +101,7 @@ def test_codes_round_trip_and_error_bound(bits):
 
 
 def test_bytes_at_the_stored_precision():
-    for bits, codes in ((8, 32), (4, 16)):
+    for bits, codes in ((8, 32), (2, 8), (4, 16)):
         per_token = 2 * 2 * (codes + 2 * 2 * 2)
         m = build_mixer("attention", 64, num_heads=2, kv_bits=bits, kv_group=16)
         with torch.no_grad():
@@ -104,12 +117,14 @@ def test_quantised_cache_is_close_to_the_exact_one():
     exact = build_mixer("attention", 64, num_heads=2).double()
     x = torch.randn(2, 50, 64, dtype=torch.float64)
     y, _ = exact(x)
-    for bits, bound in ((8, 0.02), (4, 0.3)):
+    errs = {}
+    for bits, bound in ((8, 0.02), (4, 0.3), (2, 1.0)):
         m = build_mixer("attention", 64, num_heads=2, kv_bits=bits).double()
         m.load_state_dict(exact.state_dict())
         yq, _ = m(x)
-        err = ((yq - y).norm() / y.norm()).item()
+        errs[bits] = err = ((yq - y).norm() / y.norm()).item()
         assert 0 < err < bound, (bits, err)
+    assert errs[8] < errs[4] < errs[2], errs
 
 
 def test_bad_options():
@@ -119,6 +134,10 @@ def test_bad_options():
         build_mixer("attention", 16, kv_bits=8, window=4)
     with pytest.raises(ValueError, match="divide"):
         build_mixer("attention", 16, num_heads=2, kv_bits=8, kv_group=3)
+    with pytest.raises(ValueError, match="4 codes per byte"):
+        build_mixer("attention", 12, num_heads=2, kv_bits=2)  # d_h = 6
+    with pytest.raises(ValueError, match="multiple of the codes per byte"):
+        build_mixer("attention", 16, kv_bits=2, kv_residual=6)
     m = build_mixer("attention", 16, num_heads=2, kv_bits=8)
     with pytest.raises(TypeError, match="QuantKVCache"):
         m(torch.randn(1, 3, 16), build_mixer("attention", 16, num_heads=2).init_state(1))

@@ -11,7 +11,7 @@ Drawn with the points: the information floor N·log₂V_values bits of the large
 holding all N pairs can be smaller at accuracy 1) and zoology's published points (another task and
 grid: a reference, labelled).
 
-Quantised and evicting caches (:data:`POST_TRAINING`: ``attention(kv_bits=8|4)``,
+Quantised and evicting caches (:data:`POST_TRAINING`: ``attention(kv_bits=8|4|2)``,
 ``attention_h2o``, ``attention_snapkv`` at token budgets) are not trained: each is the trained
 full-attention model of the same seed with its cache replaced (the parameters are the same),
 evaluated through **decode** — the prompt up to the first query prefilled (H2O and SnapKV cut
@@ -89,12 +89,13 @@ POST_TRAINING: dict[str, dict[str, list[tuple[str, str, str]]]] = {
         "int4 / int8 KV cache (per token)": [
             (_BASE, f"{_BASE}[attention.kv_bits={b}]", f"{_BASE} + int{b} KV") for b in (4, 8)
         ],
-        "KIVI int4 (per-channel keys, R = 32)": [
+        "KIVI int2 / int4 (per-channel keys, R = 32)": [
             (
                 _BASE,
-                f"{_BASE}[attention.kv_bits=4,attention.kv_residual=32]",
-                f"{_BASE} + KIVI int4",
+                f"{_BASE}[attention.kv_bits={b},attention.kv_residual=32]",
+                f"{_BASE} + KIVI int{b}",
             )
+            for b in (2, 4)
         ],
         "H2O (token budget)": [
             (_BASE, _evicting("h2o", B), f"{_BASE} + H2O, B = {B}") for B in (32, 128)

@@ -19,9 +19,10 @@ token, ``filled = T``. Window variants use ``s`` sink slots plus a ring buffer o
 constant memory, ``filled = min(T, s+W)``. Carried bytes are exactly 2·filled·n_kv·d_h·b per
 batch row (``KVCache.carried_bytes``; ``allocated_bytes`` adds the spare capacity).
 
-Quantised cache (``kv_bits=8|4``, full attention only): the cache stores b-bit codes of every key
-(after RoPE) and value vector, coded alone per group of ``kv_group`` channels, with fp16 scales and
-minima (:mod:`kvfree.mixers.kv_quant`); the parallel form reads the same dequantised x̂ as decode.
+Quantised cache (``kv_bits=8|4|2``, full attention only): the cache stores b-bit codes of every
+key (after RoPE) and value vector, coded alone per group of ``kv_group`` channels, with fp16
+scales and minima (:mod:`kvfree.mixers.kv_quant`); the parallel form reads the same dequantised
+x̂ as decode.
 With ``kv_residual=R`` it is KIVI's cache instead (:mod:`kvfree.mixers.kv_kivi`): keys coded per
 channel over blocks of R tokens, values per token, the unfinished block exact.
 

@@ -1,5 +1,5 @@
 """The quantised-cache options of :class:`~kvfree.mixers.attention.Attention`, as a mixin:
-``kv_bits=8|4`` (per-token codes, :mod:`kvfree.mixers.kv_quant`) and, with ``kv_residual=R``,
+``kv_bits=8|4|2`` (per-token codes, :mod:`kvfree.mixers.kv_quant`) and, with ``kv_residual=R``,
 KIVI's per-channel key blocks with an exact residual (:mod:`kvfree.mixers.kv_kivi`). It holds the
 option checks, the state (init, formula, size, bytes, checks) and the read paths; the attention
 math itself stays in attention.py and the two cache modules."""
@@ -20,21 +20,22 @@ class QuantizedKV:
         """``kv_bits``: the cache stores b-bit codes per group of ``kv_group`` channels
         (kv_quant.py); with ``kv_residual`` KIVI's per-channel key blocks (kv_kivi.py)."""
         self.kv_bits, self.kv_group, self.kv_residual = bits, group or head_dim, residual
-        if residual is not None and (bits is None or residual < 1 or (bits == 4 and residual % 2)):
+        if bits is not None and bits not in (2, 4, 8):
+            raise ValueError(f"kv_bits must be 2, 4, 8 or None (unquantised), got {bits}")
+        per = kvq.codes_per_byte(bits) if bits else 1
+        if residual is not None and (bits is None or residual < 1 or residual % per):
             raise ValueError(
-                f"kv_residual={residual}: KIVI's block of R tokens needs kv_bits=8|4 and R >= 1 "
-                "(even for 4 bits: two codes per byte)"
+                f"kv_residual={residual}: KIVI's block of R tokens needs kv_bits=8|4|2 and R >= 1, "
+                "a multiple of the codes per byte (2 for 4 bits, 4 for 2 bits)"
             )
         if bits is None:
             return
-        if bits not in (4, 8):
-            raise ValueError(f"kv_bits must be 4, 8 or None (unquantised), got {bits}")
         if window is not None:
             raise ValueError("kv_bits quantises the full KV cache; it does not take a window yet")
-        if head_dim % self.kv_group or (bits == 4 and head_dim % 2):
+        if head_dim % self.kv_group or head_dim % per:
             raise ValueError(
-                f"kv_group={self.kv_group} must divide head_dim={head_dim} (and 4-bit codes "
-                "need an even head_dim: two per byte)"
+                f"kv_group={self.kv_group} must divide head_dim={head_dim}, and head_dim must be "
+                f"a multiple of the {per} codes per byte of {bits}-bit codes"
             )
         if scale_dtype != "auto" and scale_dtype not in kvq.SCALE_DTYPES:
             raise unknown_keys_error("kv_scale_dtype", [scale_dtype], ["auto", *kvq.SCALE_DTYPES])

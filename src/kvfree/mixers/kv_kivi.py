@@ -1,5 +1,5 @@
 """KIVI's quantised KV cache (Liu et al., arXiv 2402.02750; docs/frontier.md §2) for
-:class:`~kvfree.mixers.attention.Attention` (``kv_bits=8|4`` with ``kv_residual=R``).
+:class:`~kvfree.mixers.attention.Attention` (``kv_bits=8|4|2`` with ``kv_residual=R``).
 
 Glossary (per KV head; b bits; blocks of R consecutive tokens, aligned to positions 0, R, 2R, …):
     keys         quantised **per channel** over a block: each of the d_h channels gets its own

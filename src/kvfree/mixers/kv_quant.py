@@ -1,12 +1,12 @@
-"""A quantised KV cache for :class:`~kvfree.mixers.attention.Attention` (``kv_bits=8|4``;
+"""A quantised KV cache for :class:`~kvfree.mixers.attention.Attention` (``kv_bits=8|4|2``;
 docs/frontier.md: KV-cache engineering; KIVI, Liu et al., arXiv 2402.02750, stores the cache in
 2–4 bits with per-group scales).
 
 Glossary (per KV head and token t; ``b`` bits, groups of G channels of d_h):
     m, s         per group: m = min over its G channels, s = (max − min)/(2^b − 1), both stored in
                  ``scale_dtype`` (fp16 by default, as KIVI)
-    c_t          codes round((x − m)/s) clamped to [0, 2^b − 1]; 4-bit codes are packed two per
-                 byte
+    c_t          codes round((x − m)/s) clamped to [0, 2^b − 1]; 8/b codes per byte (4 bits: two,
+                 2 bits: four), channel 8/b·i + j in bits [b·j, b·j + b) of byte i
     x̂_t         c·s + m — what attention reads, in the parallel form and in decode alike
     gradient     the exact one almost everywhere: the codes are piecewise constant, so it flows
                  through s and m only — the same in the parallel form and in decode (a
@@ -80,16 +80,38 @@ def quantize(x: torch.Tensor, bits: int, group: int, scale_dtype):
         safe = torch.where(s > 0, s, torch.ones_like(s))
         codes = ((g - lo.to(x.dtype).unsqueeze(-1)) / safe).round().clamp(0, levels)
         codes = codes.flatten(-2).to(torch.uint8)
-    if bits == 4:  # two codes per byte: even channel in the low nibble
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, lo
+    return pack(codes, bits), scale, lo
+
+
+def codes_per_byte(bits: int) -> int:
+    return 8 // bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., d] of ``bits`` bits → [..., d·bits/8]: 8/bits per byte, the first
+    channel of a byte in its low bits."""
+    per = codes_per_byte(bits)
+    if per == 1:
+        return codes
+    parts = codes.unflatten(-1, (-1, per)).unbind(-1)
+    out = parts[0].clone()
+    for j, part in enumerate(parts[1:], 1):
+        out |= part << (bits * j)
+    return out
+
+
+def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack`: [..., d·bits/8] → [..., d]."""
+    per = codes_per_byte(bits)
+    if per == 1:
+        return codes
+    mask = 2**bits - 1
+    return torch.stack([(codes >> (bits * j)) & mask for j in range(per)], -1).flatten(-2)
 
 
 def dequantize(codes, scale, lo, bits: int, dtype) -> torch.Tensor:
     """x̂ = c·s + m in ``dtype``, [..., d]."""
-    if bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
-    c = codes.to(dtype).unflatten(-1, (scale.shape[-1], -1))
+    c = unpack(codes, bits).to(dtype).unflatten(-1, (scale.shape[-1], -1))
     return (c * scale.to(dtype).unsqueeze(-1) + lo.to(dtype).unsqueeze(-1)).flatten(-2)
 
 
