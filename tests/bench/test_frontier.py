@@ -60,3 +60,15 @@ def test_unknown_preset_or_family():
     assert not fams and F.models_to_train(fams, post) == ["recall-attention"]
     with pytest.raises(ValueError, match="families"):
         F.families("cpu", ["transformers"])
+
+
+def test_every_family_can_be_named_in_families():
+    """``--families`` is comma-separated: a family name with a comma could never be selected."""
+    from kvfree.bench.frontier import POST_TRAINING, PRESETS, families
+
+    for preset in PRESETS:
+        names = [*PRESETS[preset], *POST_TRAINING[preset]]
+        assert not [n for n in names if "," in n], preset
+        for name in names:
+            fams, post = families(preset, [name])
+            assert list(fams) + list(post) == [name]

@@ -89,7 +89,7 @@ POST_TRAINING: dict[str, dict[str, list[tuple[str, str, str]]]] = {
         "int4 / int8 KV cache (per token)": [
             (_BASE, f"{_BASE}[attention.kv_bits={b}]", f"{_BASE} + int{b} KV") for b in (4, 8)
         ],
-        "KIVI int2 / int4 (per-channel keys, R = 32)": [
+        "KIVI int2 / int4 (per-channel keys; R = 32)": [
             (
                 _BASE,
                 f"{_BASE}[attention.kv_bits={b},attention.kv_residual=32]",

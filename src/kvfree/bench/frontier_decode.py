@@ -42,6 +42,7 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
     """One point per variant: mean over the grid's test cells and over the seeds of its trained
     base; x = decode-state bytes at the end of the longest cell."""
     import torch
+    from tqdm.auto import tqdm
 
     from kvfree.bench.recall import _cell_data, build_model
     from kvfree.bench.recall_grid import RecallGrid, cell_key
@@ -52,11 +53,18 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
     test = {cell_key(c): _cell_data(grid, c, "test", grid.n_test) for c in grid.cells}
     longest = max(test, key=lambda k: test[k].seq_len)
     points = []
+    jobs_of = {
+        base: sorted({(r["seed"], r["job"]) for r in rows if r["model"] == base})
+        for pairs in post.values()
+        for base, _, _ in pairs
+    }
+    total = sum(len(jobs_of[base]) for pairs in post.values() for base, _, _ in pairs)
+    bar = tqdm(total=total, unit="model", desc="post-training variants through decode")
     for family, pairs in post.items():
         for base, variant, label in pairs:
-            jobs = sorted({(r["seed"], r["job"]) for r in rows if r["model"] == base})
             per_seed, nbytes = [], None
-            for seed, job in jobs:
+            for seed, job in jobs_of[base]:
+                bar.set_postfix_str(f"{label}, seed {seed}")
                 path = Path(out_dir) / "jobs" / f"{job}.weights.pt"
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: rerun the base model {base!r}")
@@ -69,6 +77,7 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
                     accs.append(acc)
                     nbytes = b if key == longest else nbytes
                 per_seed.append(float(np.mean(accs)))
+                bar.update(1)
             if not per_seed:
                 continue
             points.append(
@@ -87,6 +96,7 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
                     "evaluated": "decode",
                 }
             )
+    bar.close()
     return points
 
 
