@@ -33,6 +33,19 @@ def _prefill_seconds(model, ids, segment):
     return time.perf_counter() - t0, logits
 
 
+def check_model(name: str) -> None:
+    """One line for a preset that is unknown or whose prefill is not segmented (weightless)."""
+    import torch
+
+    from kvfree.models import LanguageModel
+    from kvfree.models import preset as get_preset
+
+    with torch.device("meta"):
+        model = LanguageModel(get_preset(name))
+    if not model.fixed_memory or not model.causal:
+        raise ValueError(f"{name} is not a fixed-memory causal model: its prefill is not segmented")
+
+
 def measure_model(
     name: str, lengths: list[int], *, segment: int, repeats: int, seed: int = 0
 ) -> list[dict]:
@@ -42,8 +55,6 @@ def measure_model(
     from kvfree.bench.decode_worker import PointSpec, build_model
 
     model = build_model(PointSpec(preset=name, n=max(lengths)), torch.device("cpu"))
-    if not model.fixed_memory or not model.causal:
-        raise ValueError(f"{name} is not a fixed-memory causal model: its prefill is not segmented")
     gen = torch.Generator().manual_seed(seed + 1)
     V = model.config.vocab_size
     warm = torch.randint(0, V, (1, 2 * min(segment, 64)), generator=gen)
@@ -106,21 +117,23 @@ def run(
         raise ValueError("repeats, threads, segment and lengths must be >= 1")
     if max(lengths) <= segment:
         raise ValueError(f"every length is <= the segment ({segment}): nothing to compare")
+    for name in models:  # every refusal before anything is measured or written
+        check_model(name)
     torch.set_num_threads(threads)
-    rows, t0 = [], time.time()
-    for name in tqdm(models, unit="model", disable=not progress):
-        rows += measure_model(name, lengths, segment=segment, repeats=repeats)
     env = environment("cpu")
     env["threads"] = threads
     result = {
         "benchmark": "prefill-speed",
-        "rows": rows,
+        "rows": [],
         "config": {"lengths": lengths, "segment": segment, "repeats": repeats, "threads": threads},
         "env": env,
-        "wall_seconds": time.time() - t0,
     }
-    result["markdown"] = render(result)
-    write_result(out_dir, "prefill_speed", result)
+    t0 = time.time()
+    for name in tqdm(models, unit="model", disable=not progress):
+        result["rows"] += measure_model(name, lengths, segment=segment, repeats=repeats)
+        result["wall_seconds"] = time.time() - t0
+        result["markdown"] = render(result)
+        write_result(out_dir, "prefill_speed", result)  # after every model: Ctrl-C keeps them
     return result
 
 
