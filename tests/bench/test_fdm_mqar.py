@@ -2,14 +2,18 @@
 runner's shortcuts (trailing PAD dropped, LM head only on query positions) are exact."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from kvfree.bench import fdm_mqar as bench
+from kvfree.bench import fdm_mqar_train as train
 from kvfree.models import LanguageModel, preset
 from kvfree.tasks import IGNORE, make
+from kvfree.train.checkpoint import CheckpointError, load_checkpoint
 
 
 def test_splits_are_disjoint_and_sized():
@@ -97,3 +101,101 @@ def test_finished_only_aggregates_without_training(tmp_path):
     row = part["summary"][0]
     assert row["seeds"] == 2 and "–" in row["final_test"]  # mean (min–max) over the seeds
     assert "Not finished yet (4 runs)" in part["markdown"]
+
+
+TINY = bench.Protocol(epochs=3, num_examples=300, batch_size=64)  # 4 training batches per epoch
+
+
+def _interrupt_at_training_call(monkeypatch, n):
+    """SIGINT this process during the n-th training forward (as Ctrl-C would)."""
+    real, calls = train.scored_logits, [0]
+
+    def wrapped(model, inputs, labels):
+        if model.training:
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(model, inputs, labels)
+
+    monkeypatch.setattr(train, "scored_logits", wrapped)
+
+
+def test_interrupted_run_resumes_mid_epoch_with_the_same_curve(tmp_path, monkeypatch):
+    whole = bench.run_one("fdm-k16", "easy", 0, TINY, "cpu")
+    ckpt = tmp_path / "run.partial.pt"
+    with monkeypatch.context() as m:
+        _interrupt_at_training_call(m, 6)  # epoch 2, second batch
+        with pytest.raises(KeyboardInterrupt, match="stopped in epoch 2 of 3"):
+            bench.run_one("fdm-k16", "easy", 0, TINY, "cpu", checkpoint=ckpt)
+    saved = load_checkpoint(ckpt)
+    assert len(saved["curve"]) == 1 and saved["next_batch"] == 2 * TINY.batch_size
+    epochs = []
+    resumed = bench.run_one(
+        "fdm-k16", "easy", 0, TINY, "cpu", checkpoint=ckpt, on_epoch=epochs.append
+    )
+    assert epochs == [1, 1, 1]  # the epoch already done, then the two trained now
+    assert resumed["curve"] == whole["curve"]  # bit for bit: losses and accuracies
+
+
+def test_sweep_resumes_from_checkpoints_and_removes_them(tmp_path, monkeypatch):
+    kw = dict(models=("fdm-k0",), settings=("easy",), seeds=(0,), protocol=TINY, device="cpu")
+    with monkeypatch.context() as m:
+        _interrupt_at_training_call(m, 9)  # the first batch of epoch 3
+        with pytest.raises(KeyboardInterrupt):
+            bench.run(tmp_path, progress=False, **kw)
+    partial = tmp_path / "runs" / "fdm-k0-easy-s0.partial.pt"
+    assert partial.exists() and not (tmp_path / "runs" / "fdm-k0-easy-s0.json").exists()
+    res = bench.run(tmp_path, progress=False, **kw)
+    assert not partial.exists() and len(res["runs"]) == 1
+    rec = json.loads((tmp_path / "runs" / "fdm-k0-easy-s0.json").read_text())
+    assert rec["curve"] == bench.run_one("fdm-k0", "easy", 0, TINY, "cpu")["curve"]
+
+
+def test_corrupt_or_foreign_checkpoint_stops_with_one_line_and_is_kept(tmp_path):
+    ckpt = tmp_path / "run.partial.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a kvfree checkpoint"):
+        bench.run_one("fdm-k0", "easy", 0, TINY, "cpu", checkpoint=ckpt)
+    assert ckpt.read_bytes() == b"not a checkpoint"
+    one = bench.Protocol(epochs=1, num_examples=300, batch_size=64)
+    bench.run_one("fdm-k0", "easy", 0, one, "cpu", checkpoint=ckpt, resume=False)
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match="another run .*epochs.*--no-resume"):
+        bench.run_one("fdm-k0", "easy", 0, TINY, "cpu", checkpoint=ckpt)
+    assert ckpt.read_bytes() == before
+
+
+def test_a_finished_run_of_another_protocol_is_not_overwritten(tmp_path):
+    one = bench.Protocol(epochs=1, num_examples=300, batch_size=64)
+    kw = dict(models=("fdm-k0",), settings=("easy",), seeds=(0,), device="cpu", progress=False)
+    bench.run(tmp_path, protocol=one, **kw)
+    path = tmp_path / "runs" / "fdm-k0-easy-s0.json"
+    before = path.read_text()
+    with pytest.raises(ValueError, match="another protocol .*epochs 1 vs 3.*--no-resume"):
+        bench.run(tmp_path, protocol=TINY, **kw)
+    assert path.read_text() == before
+
+
+def test_two_workers_train_runs_in_parallel(tmp_path):
+    one = bench.Protocol(epochs=1, num_examples=300, batch_size=64)
+    res = bench.run(
+        tmp_path,
+        models=("fdm-k0",),
+        settings=("easy",),
+        seeds=(0, 1),
+        protocol=one,
+        device="cpu",
+        progress=False,
+        workers=2,
+        threads=1,
+    )
+    assert [r["seed"] for r in res["runs"]] == [0, 1]
+    assert all(r["threads"] == 1 for r in res["runs"]) and res["env"]["workers"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = bench.run_one("fdm-k0", "easy", 1, one, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "runs" / "fdm-k0-easy-s1.json").read_text())
+    assert saved["curve"] == serial["curve"]  # a worker trains exactly what one process does

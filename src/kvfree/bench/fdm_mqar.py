@@ -11,35 +11,41 @@ final-epoch test accuracy, the test accuracy at the best-validation epoch (first
 the paper's max-over-epochs only as a labelled reproduction number. Model seeds set the
 initialisation and the batch order; the data seed stays 42.
 
-Each finished run is written to ``<out>/runs/<model>-<setting>-s<seed>.json`` at once, so an
+Each finished run is written to ``<out>/runs/<model>-<setting>-s<seed>.json`` at once and a run
+in progress checkpoints itself every epoch (:mod:`kvfree.bench.fdm_mqar_train`), so an
 interrupted sweep resumes where it stopped; ``fdm_mqar.json`` / ``fdm_mqar.md`` aggregate.
+Runs go to ``workers`` processes in parallel (one torch thread each by default).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvfree.models import LanguageModel, preset
+from kvfree.bench.fdm_mqar_train import (  # noqa: F401 - re-exported for callers and tests
+    MODELS,
+    Protocol,
+    accuracy,
+    checkpoint_path,
+    differences,
+    load_state,
+    run_meta,
+    run_name,
+    run_one,
+    scored_length,
+    scored_logits,
+    splits,
+)
 from kvfree.report.tables import atomic_write, markdown_table, write_json
-from kvfree.tasks import IGNORE, TaskData, example_accuracy, make
 from kvfree.tasks.fdm_mqar import SETTINGS
-from kvfree.utils import default_device, environment
+from kvfree.utils import environment
 
-MODELS = {  # runner name -> preset
-    "fdm-k0": "fdm-mqar-k0",
-    "fdm-k4": "fdm-mqar-k4",
-    "fdm-k8": "fdm-mqar-k8",
-    "fdm-k16": "fdm-mqar-k16",
-    "transformer": "fdm-mqar-transformer",
-    "transformer-rope": "fdm-mqar-transformer-rope",
-}
 PAPER = {  # docs/fdm.md §9.2 (max test accuracy over 100 epochs, one run)
     ("transformer", "easy"): 0.606,
     ("transformer", "medium"): 0.238,
@@ -48,130 +54,6 @@ PAPER = {  # docs/fdm.md §9.2 (max test accuracy over 100 epochs, one run)
     ("fdm-k16", "easy"): 0.966,
     ("fdm-k16", "medium"): 0.064,
 }
-
-
-@dataclass
-class Protocol:
-    epochs: int = 100
-    lr: float = 3e-3
-    batch_size: int = 128
-    grad_clip: float = 1.0
-    num_examples: int = 10_000
-    data_seed: int = 42
-    test_frac: float = 0.1
-    val_frac: float = 0.1  # of the non-test part
-
-
-def scored_length(labels: np.ndarray) -> int:
-    """1 + the last position scored in any example."""
-    cols = np.nonzero((labels != IGNORE).any(0))[0]
-    if len(cols) == 0:
-        raise ValueError("no scored positions in the data")
-    return int(cols[-1]) + 1
-
-
-def splits(n: int, p: Protocol) -> dict[str, np.ndarray]:
-    """test = first ``test_frac``; validation = the next ``val_frac`` of the rest; train."""
-    n_test = int(round(n * p.test_frac))
-    n_val = int(round((n - n_test) * p.val_frac))
-    idx = np.arange(n)
-    return {
-        "test": idx[:n_test],
-        "val": idx[n_test : n_test + n_val],
-        "train": idx[n_test + n_val :],
-    }
-
-
-def scored_logits(model: LanguageModel, inputs: torch.Tensor, labels: torch.Tensor):
-    """(logits [n, V], labels [n]) at the scored positions only: the model's forward without
-    the LM head on unscored positions (the loss and the accuracy need nothing else)."""
-    x = model._embed(inputs, 0)
-    for block in model.blocks:
-        x, _ = block(x)
-    sel = labels != IGNORE
-    return model._logits(x[sel]), labels[sel]
-
-
-@torch.no_grad()
-def accuracy(model, data, idx, device, batch_size: int = 512) -> float:
-    """Mean per-example accuracy (argmax over the full vocabulary) on examples ``idx``."""
-    model.eval()
-    accs = []
-    for i in range(0, len(idx), batch_size):
-        b = data.batch(idx[i : i + batch_size], device=device)
-        logits, labels = scored_logits(model, b["inputs"], b["labels"])
-        pred = torch.full_like(b["labels"], IGNORE)
-        pred[b["labels"] != IGNORE] = logits.argmax(-1)
-        accs.append(example_accuracy(pred.cpu().numpy(), b["labels"].cpu().numpy()))
-    return float(np.nanmean(np.concatenate(accs))) if accs else float("nan")
-
-
-def run_one(model_name: str, setting: str, seed: int, p: Protocol, device=None) -> dict:
-    """Train one model on one setting with one seed; return the per-epoch record."""
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}; choose from {list(MODELS)}")
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
-    device = torch.device(device or default_device())
-    L, n = SETTINGS[setting]
-    data = make("fdm_mqar", p.data_seed, num_examples=p.num_examples, seq_len=L, num_kv_pairs=n)
-    # Trailing PAD after the last query is never scored and, the models being causal, never
-    # influences a scored position: drop it (exact; 24 of 64 tokens in Easy, 40 of 128 in
-    # Medium; tests/bench/test_fdm_mqar.py checks the logits are unchanged).
-    cut = scored_length(data.labels)
-    data = TaskData(data.inputs[:, :cut], data.labels[:, :cut], data.slices, {}, data.meta)
-    sp = splits(len(data), p)
-    torch.manual_seed(seed)
-    model = LanguageModel(preset(MODELS[model_name])).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
-    gen = torch.Generator().manual_seed(seed)
-    train = sp["train"]
-    curve, t0 = [], time.time()
-    for epoch in range(p.epochs):
-        lr = p.lr * 0.5 * (1 + math.cos(math.pi * epoch / p.epochs))  # CosineAnnealingLR
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
-        order = train[torch.randperm(len(train), generator=gen).numpy()]
-        losses = []
-        for i in range(0, len(order), p.batch_size):
-            b = data.batch(order[i : i + p.batch_size], device=device)
-            logits, labels = scored_logits(model, b["inputs"], b["labels"])
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            opt.step()
-            losses.append(loss.item())
-        curve.append(
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": float(np.mean(losses)),
-                "val_acc": accuracy(model, data, sp["val"], device),
-                "test_acc": accuracy(model, data, sp["test"], device),
-            }
-        )
-    val = [c["val_acc"] for c in curve]
-    test = [c["test_acc"] for c in curve]
-    best = int(np.argmax(val))
-    return {
-        "model": model_name,
-        "preset": MODELS[model_name],
-        "setting": setting,
-        "seq_len": L,
-        "trained_len": cut,
-        "num_kv_pairs": n,
-        "seed": seed,
-        "epochs": p.epochs,
-        "params": sum(q.numel() for q in model.parameters()),
-        "final_test_acc": test[-1],
-        "best_val_epoch": best + 1,
-        "test_acc_at_best_val": test[best],
-        "max_test_acc_over_epochs": max(test),
-        "seconds": time.time() - t0,
-        "curve": curve,
-    }
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -214,6 +96,42 @@ def _summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _finished(path: Path, p: Protocol) -> dict | None:
+    """A finished run's record, None when there is none; one trained under another protocol
+    is an error (retraining would overwrite it)."""
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("protocol") != asdict(p):
+        diffs = differences(rec.get("protocol") or {}, asdict(p))
+        raise ValueError(
+            f"{path} was trained under another protocol ({'; '.join(diffs)}); use another "
+            "--out, or --no-resume to retrain it (the file is overwritten)"
+        )
+    return rec
+
+
+def fdm_mqar_job(payload: tuple, on_epoch) -> dict:
+    """One run, in this process or a worker: payload = (model, setting, seed, protocol dict,
+    out dir, device, resume, threads). Writes the run's JSON and removes its checkpoint."""
+    model_name, setting, seed, proto, out_dir, device, resume, threads = payload
+    if threads is not None:
+        from kvfree.utils import set_threads
+
+        set_threads(threads)
+    p = Protocol(**proto)
+    name = run_name(model_name, setting, seed)
+    ckpt = checkpoint_path(out_dir, name)
+    rec = run_one(
+        model_name, setting, seed, p, device, checkpoint=ckpt, resume=resume, on_epoch=on_epoch
+    )
+    rec["protocol"] = proto
+    rec["threads"] = torch.get_num_threads()
+    write_json(Path(out_dir) / "runs" / f"{name}.json", rec)
+    ckpt.unlink(missing_ok=True)
+    return rec
+
+
 def run(
     out_dir: str | Path = "runs/fdm-mqar",
     models=("fdm-k0", "fdm-k16", "transformer", "transformer-rope"),
@@ -224,45 +142,78 @@ def run(
     progress: bool = True,
     resume: bool = True,
     train_missing: bool = True,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> dict:
     """The whole sweep; results go to ``out_dir`` (JSON + markdown). Returns the summary.
     ``train_missing=False`` aggregates the runs already finished (same protocol) and lists
-    the others as missing, without training (a long sweep's table while it goes on)."""
+    the others as missing, without training (a long sweep's table while it goes on).
+    ``workers`` > 1 trains that many runs at once in worker processes, ``threads`` torch
+    threads each (default: the free cores split over the workers)."""
+    from tqdm.auto import tqdm
+
+    from kvfree.utils import default_threads
+
     p = protocol or Protocol()
     out_dir = Path(out_dir)
-    rows, missing, t0 = [], [], time.time()
-    for setting in settings:
-        for model_name in models:
-            for seed in seeds:
-                path = out_dir / "runs" / f"{model_name}-{setting}-s{seed}.json"
-                if resume and path.exists():
-                    rec = json.loads(path.read_text())
-                    if rec.get("protocol") == asdict(p):
-                        rows.append(rec)
-                        continue
-                if not train_missing:
-                    missing.append(f"{model_name}-{setting}-s{seed}")
-                    continue
-                rec = run_one(model_name, setting, seed, p, device)
-                rec["protocol"] = asdict(p)
-                write_json(path, rec)
-                rows.append(rec)
-                if progress:
-                    print(
-                        f"{model_name:16s} {setting:6s} seed {seed}: final "
-                        f"{rec['final_test_acc']:.3f}, at best val "
-                        f"{rec['test_acc_at_best_val']:.3f}, max "
-                        f"{rec['max_test_acc_over_epochs']:.3f} ({rec['seconds']:.0f} s)",
-                        flush=True,
-                    )
-    summary = _summary(rows)
+    keys = [(m, s, seed) for s in settings for m in models for seed in seeds]
+    done, todo, missing = {}, [], []
+    for key in keys:
+        rec = _finished(out_dir / "runs" / f"{run_name(*key)}.json", p) if resume else None
+        if rec is not None:
+            done[key] = rec
+        elif train_missing:
+            todo.append(key)
+            if resume:  # a checkpoint that cannot be resumed stops the sweep before it starts
+                load_state(checkpoint_path(out_dir, run_name(*key)), run_meta(*key, p))
+        else:
+            missing.append(run_name(*key))
+    if todo and threads is None and (device or "cpu").startswith("cpu"):
+        threads = default_threads(workers)
+    payloads = [(*k, asdict(p), str(out_dir), device, resume, threads) for k in todo]
+    t0 = time.time()
+    bar = tqdm(
+        total=p.epochs * len(todo),
+        unit="epoch",
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+        desc=f"fdm-mqar: {len(done)}/{len(keys)} runs done",
+    )
+    try:
+        if workers > 1 and len(todo) > 1:
+            from kvfree.bench.recall_workers import run_parallel
+
+            results = run_parallel(fdm_mqar_job, payloads, workers, bar)
+        else:
+            results = (fdm_mqar_job(pl, bar.update) for pl in payloads)
+        for rec in results:
+            done[(rec["model"], rec["setting"], rec["seed"])] = rec
+            bar.set_description(f"fdm-mqar: {len(done)}/{len(keys)} runs done")
+            bar.write(
+                f"{rec['model']:16s} {rec['setting']:6s} seed {rec['seed']}: final "
+                f"{rec['final_test_acc']:.3f}, at best val {rec['test_acc_at_best_val']:.3f}, "
+                f"max {rec['max_test_acc_over_epochs']:.3f} ({rec['seconds']:.0f} s)"
+            )
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"\ninterrupted: {len(done)} of {len(keys)} runs finished (kept in {out_dir}/runs); "
+            "each run in progress saved a checkpoint there. Run the same command again to "
+            "resume.",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
+    rows = [done[k] for k in keys if k in done]
     env = environment(device)
+    if threads is not None:  # the runs', not this process's
+        env["threads"] = threads
     result = {
         "benchmark": "fdm_mqar",
         "protocol": asdict(p),
-        "env": env,
+        "env": {**env, "workers": workers},
         "wall_seconds": time.time() - t0,
-        "summary": summary,
+        "summary": _summary(rows),
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
         "missing": missing,
     }

@@ -26,10 +26,17 @@ def bench_fdm_mqar(
     lr: float = typer.Option(3e-3, help="Adam learning rate."),
     batch_size: int = typer.Option(128, help="Batch size."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
-    threads: int = typer.Option(
-        None, min=1, help="Torch CPU threads (default: free physical cores)."
+    workers: int = typer.Option(
+        1, min=1, help="Runs trained at once, each in its own process (CPU: one per core)."
     ),
-    resume: bool = typer.Option(True, help="Reuse finished runs found in OUT/runs."),
+    threads: int = typer.Option(
+        None, min=1, help="Torch CPU threads per run (default: free cores / workers)."
+    ),
+    resume: bool = typer.Option(
+        True,
+        help="Reuse finished runs found in OUT/runs and continue runs from their checkpoints "
+        "(OUT/runs/*.partial.pt, saved every epoch and on Ctrl-C).",
+    ),
     finished_only: bool = typer.Option(
         False,
         help="Train nothing: aggregate the runs in OUT/runs that have finished (same protocol) "
@@ -54,9 +61,6 @@ def bench_fdm_mqar(
         seed_list = [int(s) for s in _list(seeds)]
     except ValueError:
         raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
-    from kvfree.utils import set_threads
-
-    set_threads(threads)
     p = Protocol(epochs=epochs, lr=lr, batch_size=batch_size, num_examples=num_examples)
     res = run(
         out,
@@ -67,6 +71,8 @@ def bench_fdm_mqar(
         device,
         resume=resume or finished_only,
         train_missing=not finished_only,
+        workers=workers,
+        threads=threads,
     )
     print(f"wrote {out}/fdm_mqar.json and {out}/fdm_mqar.md ({res['wall_seconds']:.0f} s)")
     if readme:
