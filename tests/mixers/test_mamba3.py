@@ -13,7 +13,7 @@ from tests.contract import F64, MixerContract, assert_close, run_steps
 def _pieces(m, u):
     """in_proj output [b, d_proj] -> the reference's [z, x, B, C, dd_dt, dd_A, trap, angles]."""
     out, start = [], 0
-    for n in (m.d_in, m.d_in, m.G * m.N, m.G * m.N, m.H, m.H, m.H, m.R):
+    for n in (m.d_in, m.d_in, m.r * m.G * m.N, m.r * m.G * m.N, m.H, m.H, m.H, m.R):
         out.append(u[:, start : start + n])
         start += n
     return out
@@ -30,6 +30,15 @@ def _rot(v, theta):
         torch.ones_like(theta), theta
     )
     return torch.cat([torch.stack([c.real, c.imag], -1).flatten(-2), v[..., 2 * R :]], -1)
+
+
+def _rot_halves(v, theta):
+    """Pairs (v_n, v_{n+N/2}), n < R, as complex numbers times e^{iθ_n}; the rest unchanged."""
+    R, half = theta.shape[-1], v.shape[-1] // 2
+    c = torch.complex(v[..., :R], v[..., half : half + R]) * torch.polar(
+        torch.ones_like(theta), theta
+    )
+    return torch.cat([c.real, v[..., R:half], c.imag, v[..., half + R :]], -1)
 
 
 class TestMamba3(MixerContract):
@@ -202,7 +211,7 @@ def test_rotary_angles_are_data_dependent():
         assert_close("angle increments", want, inc, atol=1e-10, ratio=1e-10)
         assert inc.std(1).min() > 1e-4, "the increments do not vary over tokens"
         assert (theta[0] - theta[1]).abs().max() > 1e-2, "the angles do not depend on the input"
-        k_last, B_last = s.k, B[:, -1]
+        k_last, B_last = s.k, B[:, -1, :, 0]  # B̂ [b, T, H, r = 1, N]
         R2 = 2 * m.R
         assert_close("unrotated channels", B_last[..., R2:], k_last[..., R2:], **F64)
         assert (k_last[..., :R2] - B_last[..., :R2]).abs().max() > 1e-3
@@ -260,3 +269,144 @@ def test_bad_options():
         build_mixer("mamba3", 16, head_dim=8, d_state=2, rope_fraction=0.5)
     with pytest.raises(ValueError, match="A_act"):
         build_mixer("mamba3", 16, head_dim=8, A_act="exp")
+
+
+class TestMamba3MIMO(MixerContract):
+    name = "mamba3"
+    configs = [
+        dict(chunk_size=16, head_dim=8, d_state=8, mimo_rank=2),  # H 4, R 2: pairs (0,4), (1,5)
+        dict(  # H 2, one head per group, all of N rotated, rank 4, chunks of 8 tokens (32 rows)
+            chunk_size=8, head_dim=16, d_state=8, ngroups=2, rope_fraction=1.0,
+            A_act="heavy_tail", mimo_rank=4,
+        ),
+        dict(chunk_size=16, head_dim=4, d_state=6, ngroups=2, outproj_norm=True, mimo_rank=3),
+    ]  # fmt: skip
+
+    def make(self, cfg, dtype=torch.float64):
+        """Random rank weights and biases (the init sets every rank alike, which would hide a
+        rank mix-up)."""
+        m = super().make(cfg, dtype)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in (m.mimo_x, m.mimo_z, m.mimo_o, m.B_bias, m.C_bias):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        return m
+
+    def reference(self, m, x, state, mask):
+        """Plain per-token Mamba-3 MIMO (the step reference of state-spaces/mamba
+        tests/ops/tilelang/test_mamba3_mimo.py, from the equations, with the kernels' halved
+        pairing): x̃_ρ = x ⊙ W_x[ρ], h = α h + β Σ_ρ x̃_prev,ρ k_prev,ρᵀ + γ Σ_ρ x̃_ρ k_ρᵀ,
+        y_ρ = h q_ρ + D x̃_ρ, out = out_proj Σ_ρ W_o[ρ] ⊙ y_ρ ⊙ SiLU(z ⊙ W_z[ρ])."""
+        Bsz, T, _ = x.shape
+        H, P, N, G, r = m.H, m.P, m.N, m.G, m.mimo_rank
+        if state is None:
+            state = m.init_state(Bsz, dtype=x.dtype)
+        theta, h, k_prev, x_prev = state.angle, state.ssm, state.k, state.x
+        group = torch.tensor([hd // (H // G) for hd in range(H)])
+        ys = []
+        for t in range(T):
+            z, xs, Bt, Ct, dd_dt, dd_A, trap, ang = _pieces(m, m.in_proj(x[:, t]))
+            xs, z = xs.reshape(Bsz, H, P), z.reshape(Bsz, H, P)
+            Bh = _rms(Bt.reshape(Bsz, r, G, N), m.B_norm_weight, m.eps)[:, :, group]
+            Ch = _rms(Ct.reshape(Bsz, r, G, N), m.C_norm_weight, m.eps)[:, :, group]
+            Bh, Ch = Bh.transpose(1, 2) + m.B_bias, Ch.transpose(1, 2) + m.C_bias  # [b, H, r, N]
+            delta = F.softplus(dd_dt + m.dt_bias)
+            if m.A_act == "softplus":
+                pos = F.softplus(dd_A)
+            else:
+                pos = torch.where(dd_A >= 0, 1 + dd_A, 1 / (1 - dd_A.clamp(max=0)))
+            A = torch.minimum(-pos, torch.full_like(pos, -m.A_floor))
+            lam = torch.sigmoid(trap)
+            theta = theta + delta[:, :, None] * (math.pi * torch.tanh(ang))[:, None, :]
+            theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+            k, q = _rot_halves(Bh, theta[:, :, None]), _rot_halves(Ch, theta[:, :, None])
+            alpha = torch.exp(delta * A)
+            xr, xr_prev = xs[:, :, None] * m.mimo_x, x_prev[:, :, None] * m.mimo_x
+            h = (
+                alpha[:, :, None, None] * h
+                + torch.einsum("bh,bhrp,bhrn->bhpn", (1 - lam) * delta * alpha, xr_prev, k_prev)
+                + torch.einsum("bh,bhrp,bhrn->bhpn", lam * delta, xr, k)
+            )
+            y = torch.einsum("bhpn,bhrn->bhrp", h, q) + m.D[:, None, None] * xr
+            if m.outproj_norm:
+                y = _rms(y, m.norm_weight.reshape(H, 1, P), m.eps)
+            y = (m.mimo_o * y * F.silu(z[:, :, None] * m.mimo_z)).sum(2)
+            ys.append(m.out_proj(y.reshape(Bsz, H * P)))
+            k_prev, x_prev = k, xs
+        return torch.stack(ys, 1), Mamba3State(theta, h, k_prev, x_prev)
+
+
+def _mimo_loop(x, k, q, a, delta, lam, h0, x_prev, k_prev):
+    """h_t = α h + (1−λ)Δα Σ_ρ x_{t−1,ρ} k_{t−1,ρ}ᵀ + λΔ Σ_ρ x_{t,ρ} k_{t,ρ}ᵀ, y_ρ = h q_ρ."""
+    h, ys = h0, []
+    for t in range(x.shape[1]):
+        alpha = a[:, t].exp()
+        h = (
+            alpha[..., None, None] * h
+            + torch.einsum("bh,bhrp,bhrn->bhpn", (1 - lam[:, t]) * delta[:, t] * alpha, x_prev,
+                           k_prev)
+            + torch.einsum("bh,bhrp,bhrn->bhpn", lam[:, t] * delta[:, t], x[:, t], k[:, t])
+        )  # fmt: skip
+        ys.append(torch.einsum("bhpn,bhrn->bhrp", h, q[:, t]))
+        x_prev, k_prev = x[:, t], k[:, t]
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("rank,chunk", [(3, 5), (3, 16), (4, 64)])
+def test_mimo_scan_equals_rank_r_loop(rank, chunk):
+    """The SSD with a rank axis plus the same-token correction = the per-token rank-r
+    trapezoid recurrence: outputs, final state and every input's gradient, across chunks."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    b, T, H, P, N = 2, 41, 3, 4, 6
+    delta = F.softplus(r(b, T, H) - 1.0)
+    ins = dict(
+        x=r(b, T, H, rank, P), k=r(b, T, H, rank, N), q=r(b, T, H, rank, N),
+        a=-delta * F.softplus(r(b, T, H)), delta=delta, lam=torch.sigmoid(r(b, T, H)),
+        h0=r(b, H, P, N), x_prev=r(b, H, rank, P), k_prev=r(b, H, rank, N),
+    )  # fmt: skip
+    ins = {n: t.requires_grad_(True) for n, t in ins.items()}
+    y, h = mamba3_scan(**ins, chunk_size=chunk)
+    y_ref, h_ref = _mimo_loop(**ins)
+    assert_close("output", y_ref, y, **F64)
+    assert_close("state", h_ref, h, **F64)
+    w1, w2 = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y * w1).sum() + (h * w2).sum(), list(ins.values()))
+    refs = torch.autograd.grad((y_ref * w1).sum() + (h_ref * w2).sum(), list(ins.values()))
+    for name, a, b_ in zip(ins, refs, grads):
+        assert_close(f"gradient of {name}", a, b_, **F64)
+
+
+def test_mimo_ranks_are_used_and_numbers():
+    """Every rank reaches the output (zeroing one rank's output weights changes it), the state
+    keeps r rotated keys per head, and the sizes follow the formula."""
+    torch.manual_seed(0)
+    m = build_mixer("mamba3", 64, mimo_rank=4)
+    assert (m.H, m.P, m.N, m.R, m.r) == (4, 32, 16, 4, 4)
+    assert m.in_proj.out_features == 2 * 128 + 2 * 4 * 16 + 3 * 4 + 4
+    assert m.state_size(4096) == 4 * 32 * 16 + 4 * 4 + 4 * 4 * 16 + 4 * 32 == 2448
+    assert m.state_nbytes(10, torch.bfloat16) == 2448 * 4
+    assert m.init_state(2).k.shape == (2, 4, 4, 16)
+    assert torch.allclose(m.mimo_x, torch.full_like(m.mimo_x, 0.25)) and m.mimo_z.eq(1).all()
+    assert m.B_bias.shape == (4, 4, 16)
+    flagged = {n for n, p in m.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    assert flagged == {"dt_bias", "D", "mimo_x", "mimo_z", "mimo_o"}
+    m = m.double()
+    x = torch.randn(2, 20, 64, dtype=torch.float64)
+    with torch.no_grad():
+        y, s = m(x)
+        assert s.k.shape == (2, 4, 4, 16)
+        for rho in range(4):
+            saved = m.mimo_o[:, rho].clone()
+            m.mimo_o[:, rho] = 0.0
+            assert (m(x)[0] - y).abs().max() > 1e-6, f"rank {rho} does not reach the output"
+            m.mimo_o[:, rho] = saved
+    assert "mimo_rank=4" in repr(build_mixer("mamba3", 16, head_dim=8, d_state=8, mimo_rank=4))
+
+
+def test_mimo_bad_options():
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="mimo_rank must be a positive integer"):
+            build_mixer("mamba3", 16, head_dim=8, d_state=8, mimo_rank=bad)
+    with pytest.raises(ValueError, match="even d_state"):
+        build_mixer("mamba3", 16, head_dim=8, d_state=7, mimo_rank=2)

@@ -74,23 +74,29 @@ def ssm_heads(d_model: int, expand: float, head_dim: int, ngroups: int) -> tuple
 
 def ssd_chunked(X, dA, B, C, h0, chunk_size: int):
     """Chunked SSD. X [b, T, H, P] (Δ-scaled), dA [b, T, H] (log-decays Δ·A), B, C [b, T, H, N],
-    h0 [b, H, P, N]. Returns Y [b, T, H, P] (without the D skip) and the final state."""
-    b, T, H, P = X.shape
+    h0 [b, H, P, N]. Returns Y [b, T, H, P] (without the D skip) and the final state.
+
+    With a rank axis — X [b, T, H, r, P], B, C [b, T, H, r, N] — each token writes Σ_ρ X_ρ B_ρᵀ
+    and reads with each C_ρ (Mamba-3 MIMO), Y [b, T, H, r, P]; the decays stay per token."""
+    if X.dim() == 4:
+        Y, h = ssd_chunked(X.unsqueeze(-2), dA, B.unsqueeze(-2), C.unsqueeze(-2), h0, chunk_size)
+        return Y.squeeze(-2), h
+    b, T, H, r, P = X.shape
     l = min(chunk_size, T)
     pad = (-T) % l
     if pad:  # X = 0 and dA = 0 on padded rows: nothing written, no decay
-        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
+        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (X, B, C))
         dA = F.pad(dA, (0, 0, 0, pad))
     n = (T + pad) // l
-    X, B, C = (t.reshape(b, n, l, H, -1) for t in (X, B, C))  # [b, n, l, H, *]
+    X, B, C = (t.reshape(b, n, l, H, r, -1) for t in (X, B, C))  # [b, n, l, H, r, *]
     dA = dA.reshape(b, n, l, H).permute(0, 3, 1, 2)  # [b, H, n, l]
     ell = dA.cumsum(-1)  # ℓ  [b, H, n, l]
     L = segsum(dA).exp()  # exp(seg(i, j))  [b, H, n, l, l]
-    # 1. diagonal blocks
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * L
-    Y = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+    # 1. diagonal blocks (every rank of token s is seen by every rank of token t ≥ s)
+    scores = torch.einsum("bclhrn,bcshqn->bhclrsq", C, B) * L[:, :, :, :, None, :, None]
+    Y = torch.einsum("bhclrsq,bcshqp->bclhrp", scores, X)
     # 2. chunk states, with exp(ℓ_last − ℓ_j) read off the stable segsum's last row
-    states = torch.einsum("bhcl,bclhn,bclhp->bchpn", L[..., -1, :], B, X)  # [b, n, H, P, N]
+    states = torch.einsum("bhcl,bclhrn,bclhrp->bchpn", L[..., -1, :], B, X)  # [b, n, H, P, N]
     # 3. inter-chunk recurrence (a short loop over chunks, none over time)
     chunk_decay = ell[..., -1].exp()  # exp(Λ_c)  [b, H, n]
     h, prev = h0, []
@@ -99,8 +105,8 @@ def ssd_chunked(X, dA, B, C, h0, chunk_size: int):
         h = d_c[:, :, None, None] * h + s_c
     H_prev = torch.stack(prev, 1)  # H_{c−1}  [b, n, H, P, N]
     # 4. off-diagonal term
-    Y = Y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, H_prev, ell.exp())
-    return Y.reshape(b, n * l, H, P)[:, :T], h
+    Y = Y + torch.einsum("bclhrn,bchpn,bhcl->bclhrp", C, H_prev, ell.exp())
+    return Y.reshape(b, n * l, H, r, P)[:, :T], h
 
 
 class Mamba2(Mixer):

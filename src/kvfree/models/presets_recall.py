@@ -15,6 +15,7 @@
 | recall-kda               | kda ×2 (2 h, per-channel α)   | fixed                                 |
 | recall-gdn2              | gdn2 ×2 (2 h, erase/write b, w) | fixed                               |
 | recall-mamba3            | mamba3 ×2 (SISO, N = 16)      | fixed                                 |
+| recall-mamba3-mimo       | mamba3 ×2 (MIMO r = 4, N = 16) | fixed (r rotated keys carried)       |
 | recall-mla               | mla ×2 (d_c 32, d_r 16)       | latent cache: 48 values per token     |
 | recall-gdn-attn          | gated_deltanet, attention     | hybrid: grows in the attention layer  |
 | recall-gdn-swa           | gated_deltanet, attention W64 | hybrid: fixed (GDN + a 64-token ring) |
@@ -107,6 +108,9 @@ PRESETS = {
     "recall-kda": lambda: _cfg(["kda", "kda"], kda=dict(num_heads=2, chunk_size=16)),
     "recall-gdn2": lambda: _cfg(["gdn2", "gdn2"], gdn2=dict(num_heads=2, chunk_size=16)),
     "recall-mamba3": lambda: _cfg(["mamba3", "mamba3"], mamba3=dict(chunk_size=16)),
+    "recall-mamba3-mimo": lambda: _cfg(
+        ["mamba3", "mamba3"], mamba3=dict(chunk_size=16, mimo_rank=4)
+    ),
     "recall-mla": lambda: _cfg(
         ["mla", "mla"], mla=dict(num_heads=2, latent_dim=32, rope_dim=16, positions="rope")
     ),
