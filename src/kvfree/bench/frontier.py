@@ -45,6 +45,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "Gated DeltaNet-2": ["recall-gdn2[d_model=32]", "recall-gdn2"],
         "Mamba-2": ["recall-mamba2", "recall-mamba2[mamba2.d_state=64]"],
         "Mamba-3 (SISO)": ["recall-mamba3", "recall-mamba3[mamba3.d_state=64]"],
+        "Mamba-3 (MIMO r = 4)": ["recall-mamba3-mimo"],
         "Mamba-2 + SKA": ["recall-mamba2-ska[ska.rank=8]", "recall-mamba2-ska"],
         "hybrid GDN + window": ["recall-gdn-swa"],
     },
