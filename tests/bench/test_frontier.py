@@ -10,7 +10,7 @@ from kvfree.bench.recall import run
 from kvfree.bench.recall_grid import grid
 
 
-def test_frontier_points_table_and_plot(tmp_path):
+def test_frontier_points_table_and_plot(tmp_path, monkeypatch):
     fams = {
         "attention (KV cache)": ["recall-attention[attention.num_kv_heads=1]"],
         "Gated DeltaNet": ["recall-gdn[d_model=32]", "recall-gdn"],
@@ -51,6 +51,27 @@ def test_frontier_points_table_and_plot(tmp_path):
     )
     again = F.markdown(json.loads((tmp_path / "recall_per_byte.json").read_text()))
     assert again == res["markdown"]
+    # the post-training evaluations are cached per (variant, grid, weights): a rerun reuses them
+    from kvfree.bench import frontier_decode
+
+    assert len(list((tmp_path / "post").glob("*.json"))) == 4  # 2 variants × 2 seeds
+    real = frontier_decode.decode_accuracy
+
+    def refuse(*a, **k):
+        raise AssertionError("re-evaluated a cached variant")
+
+    monkeypatch.setattr(frontier_decode, "decode_accuracy", refuse)
+    assert F.write(tmp_path, fams, post)["markdown"] == res["markdown"]
+    weights = sorted((tmp_path / "jobs").glob("*attention*seed0*.weights.pt"))[0]
+    import torch
+
+    sd = torch.load(weights, weights_only=True)
+    torch.save({k: v * 0 for k, v in sd.items()}, weights)  # "retrained": evaluated afresh
+    with pytest.raises(AssertionError, match="re-evaluated"):
+        F.write(tmp_path, fams, post)
+    monkeypatch.setattr(frontier_decode, "decode_accuracy", real)
+    F.write(tmp_path, fams, post)
+    assert len(list((tmp_path / "post").glob("*.json"))) == 6
 
 
 def test_unknown_preset_or_family():

@@ -4,11 +4,13 @@ from the parallel form by design, so decode is what is measured)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from kvfree.report.tables import write_json
 from kvfree.tasks import IGNORE, TaskData, example_accuracy
 
 
@@ -63,20 +65,26 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
     for family, pairs in post.items():
         for base, variant, label in pairs:
             per_seed, nbytes = [], None
+            model, _ = build_model(variant, test[longest].vocab_size, 0)
             for seed, job in jobs_of[base]:
                 bar.set_postfix_str(f"{label}, seed {seed}")
                 path = Path(out_dir) / "jobs" / f"{job}.weights.pt"
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: rerun the base model {base!r}")
-                model, _ = build_model(variant, test[longest].vocab_size, seed)
-                model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-                model.to(device)
-                accs = []
-                for key, data in test.items():
-                    acc, b = decode_accuracy(model, data, device)
-                    accs.append(acc)
-                    nbytes = b if key == longest else nbytes
-                per_seed.append(float(np.mean(accs)))
+                cache = _cache_path(out_dir, job, variant, grid_dict, path)
+                if cache.exists():  # the same weights, variant and test cells: reuse
+                    got = json.loads(cache.read_text())
+                else:
+                    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+                    model.to(device)
+                    got = {"per_cell": {}, "variant": variant, "job": job}
+                    for key, data in test.items():
+                        acc, b = decode_accuracy(model, data, device)
+                        got["per_cell"][key] = acc
+                        got["state_bytes"] = b if key == longest else got.get("state_bytes")
+                    write_json(cache, got)
+                nbytes = got["state_bytes"]
+                per_seed.append(float(np.mean(list(got["per_cell"].values()))))
                 bar.update(1)
             if not per_seed:
                 continue
@@ -98,6 +106,14 @@ def post_training_points(out_dir: Path, grid_dict: dict, rows: list[dict], post:
             )
     bar.close()
     return points
+
+
+def _cache_path(out_dir, job: str, variant: str, grid_dict: dict, weights: Path) -> Path:
+    """``<out>/post/<job>__<key>.json``: the key hashes the variant, the grid and the weights'
+    bytes, so retrained weights or other test cells are evaluated afresh."""
+    h = hashlib.sha256(json.dumps([variant, grid_dict], sort_keys=True, default=str).encode())
+    h.update(weights.read_bytes())
+    return Path(out_dir) / "post" / f"{job}__{h.hexdigest()[:16]}.json"
 
 
 def rows_of(out_dir: Path) -> list[dict]:

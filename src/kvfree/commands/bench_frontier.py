@@ -10,7 +10,7 @@ from kvfree.cli import bench_app, report_app
 @bench_app.command("frontier")
 def bench_frontier(
     preset: str = typer.Option(
-        "cpu", help="cpu (10 trained families, 19 models) | gpu (more sizes)."
+        "cpu", help="cpu (11 trained families, 20 models) | gpu (more sizes)."
     ),
     families: str = typer.Option(None, help="Comma-separated families (default: all; --list)."),
     grid: str = typer.Option("cpu", help="The bench recall grid every model trains on."),
