@@ -4,6 +4,9 @@ runner's shortcuts (trailing PAD dropped, LM head only on query positions) are e
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -199,3 +202,32 @@ def test_two_workers_train_runs_in_parallel(tmp_path):
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "runs" / "fdm-k0-easy-s1.json").read_text())
     assert saved["curve"] == serial["curve"]  # a worker trains exactly what one process does
+
+
+def test_ctrl_c_stops_a_parallel_sweep_and_keeps_the_runs_in_progress(tmp_path):
+    """Ctrl-C (SIGINT to the process group) in ``bench fdm-mqar --workers 2``: both running
+    runs save a checkpoint, once each, the runs still queued do not start, and the command exits
+    130 saying how to resume."""
+    cmd = [sys.executable, "-m", "kvfree", "bench", "fdm-mqar", "--workers", "2", "--threads",
+           "1", "--epochs", "400", "--num-examples", "300", "--models", "fdm-k0", "--settings",
+           "easy", "--seeds", "0,1,2,3", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    runs, deadline = tmp_path / "runs", time.time() + 180
+    while len(list(runs.glob("*.partial.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a hung sweep must not outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Run the same command again to resume" in err and "Traceback" not in err
+    assert err.count("saving a checkpoint after this step") == 2 and "again to abort" in err
+    assert sorted(p.name for p in runs.glob("*.partial.pt")) == [
+        "fdm-k0-easy-s0.partial.pt",
+        "fdm-k0-easy-s1.partial.pt",
+    ]
+    assert not list(runs.glob("*.json"))

@@ -13,6 +13,9 @@ Rows (:data:`ROWS`): the paper's three, plus SSM + SKA trained and evaluated wit
 (SKA's causal write gate in chunk mode): the task's ``action`` mask (SysPrompt: the SYS … END
 block; ToolTrace: the records) where the task defines one, else its ``prefix`` mask (every
 token before the query). The paper's masked recipe; the causal row (no mask) is the headline.
+A fifth row, ``ssm-ska-recipe``, trains SSM + SKA causally with kvfree's SKA recall recipe
+(K = 1 and the β write gate, ``echo-ssm-ska-1m-recipe``; docs/ska.md §19), the change that made
+SKA learn MQAR in the ridge study — not the paper's recipe, labelled as such.
 
 Budgets (:data:`RECIPES`): ``paper`` = the paper's recipe, 6 000 steps at LR 3e-4, 500 test
 examples per cell; ``cpu`` = the same 6 000 steps at LR 3e-3 and 100 test examples per cell. At
@@ -51,9 +54,14 @@ ROWS: dict[str, tuple[str, str, str | None]] = {
     "ssm-attn": ("SSM+Attn", "echo-ssm-attn-1m", None),
     "ssm-ska": ("SSM+SKA (causal, no mask)", "echo-ssm-ska-1m", None),
     "ssm-ska-mask": ("SSM+SKA (action mask)", "echo-ssm-ska-1m", "action"),
+    "ssm-ska-recipe": (
+        "SSM+SKA (kvfree recipe K=1 + β gate; causal)",
+        "echo-ssm-ska-1m-recipe",
+        None,
+    ),
 }
 #: the paper's column for each row (SSM, SSM+Attn, SSM+SKA)
-PAPER_COLUMN = {"ssm": 0, "ssm-attn": 1, "ssm-ska": 2, "ssm-ska-mask": 2}
+PAPER_COLUMN = {"ssm": 0, "ssm-attn": 1, "ssm-ska": 2, "ssm-ska-mask": 2, "ssm-ska-recipe": 2}
 VAL_SETS = ("sysprompt", "tooltrace", "niah@64 (zero-shot)")
 
 

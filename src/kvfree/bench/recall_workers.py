@@ -17,7 +17,20 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C in a terminal signals the whole process group; only the parent
+    acts on it, and stops each worker with one SIGTERM (a second signal would abort the worker
+    before it saved its checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_STOPPING = False  # set in a worker once it was interrupted: tasks queued to it then return
+
+
 def _worker(fn: Callable, payload, q):
+    global _STOPPING
+    if _STOPPING:  # the pool hands a stopped worker its queued tasks before it shuts down
+        return None
     pending = [0]
 
     def on_step(n: int) -> None:
@@ -29,6 +42,7 @@ def _worker(fn: Callable, payload, q):
     try:
         res = fn(payload, on_step)
     except KeyboardInterrupt:  # SIGINT/SIGTERM: the Trainer saved the job's checkpoint
+        _STOPPING = True
         return None
     if pending[0]:
         q.put(pending[0])
@@ -49,7 +63,10 @@ def run_parallel(fn: Callable, payloads: Iterable, workers: int, bar):
     """Yield ``fn(payload, on_step)`` of each payload as it finishes (``fn`` must be a
     module-level function; None results — interrupted jobs — are not yielded)."""
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with (
+        ctx.Manager() as manager,
+        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool,
+    ):
         q = manager.Queue()
         remaining = {pool.submit(_worker, fn, p, q) for p in payloads}
         try:

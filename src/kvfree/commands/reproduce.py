@@ -39,8 +39,9 @@ def _command(table: str, doc: str):
             "runs/echo-suite", help="Output folder, shared by both tables (models are reused)."
         ),
         models: str = typer.Option(
-            "ssm,ssm-attn,ssm-ska,ssm-ska-mask",
-            help="Comma-separated rows: ssm, ssm-attn, ssm-ska (causal), ssm-ska-mask.",
+            "ssm,ssm-attn,ssm-ska,ssm-ska-mask,ssm-ska-recipe",
+            help="Comma-separated rows: ssm, ssm-attn, ssm-ska (causal), ssm-ska-mask, "
+            "ssm-ska-recipe (kvfree's SKA recipe: K = 1, β gate).",
         ),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (init + data order)."),
         preset: str = typer.Option(

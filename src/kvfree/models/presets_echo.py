@@ -45,6 +45,14 @@ def echo_ssm_ska_1m() -> ModelConfig:
     )
 
 
+def echo_ssm_ska_1m_recipe() -> ModelConfig:
+    """echo-ssm-ska-1m with kvfree's SKA recall recipe (presets_recall.SKA_RECIPE: K = 1 and
+    the β write gate; docs/ska.md §19), the rest unchanged."""
+    cfg = echo_ssm_ska_1m()
+    cfg.mixer_options["ska"] = dict(_SKA_1M, K=1, beta_gate=True)
+    return cfg
+
+
 # ----- language models (paper §3.4, §4.3; docs/ska.md §13.2) -------------------------------------
 def _echo_lm(
     d: int, n_layers: int, ska_at: tuple[int, ...], rank: int, heads: int, d_state: int
@@ -105,6 +113,7 @@ PRESETS = {
     "echo-ssm-1m": echo_ssm_1m,
     "echo-ssm-attn-1m": echo_ssm_attn_1m,
     "echo-ssm-ska-1m": echo_ssm_ska_1m,
+    "echo-ssm-ska-1m-recipe": echo_ssm_ska_1m_recipe,
     "echo-50m": echo_50m,
     "echo-180m": echo_180m,
     "echo-recall-ska": lambda: echo_recall_ska("token"),

@@ -65,6 +65,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 def interrupt_flag():
     """While active, SIGINT/SIGTERM set ``flag["signal"]`` instead of killing the process (a
     second one raises KeyboardInterrupt at once); the previous handlers are restored on exit.
+    A signal the process ignores stays ignored (a worker of a parallel sweep ignores SIGINT: the
+    terminal's Ctrl-C reaches the parent, which stops the workers with one SIGTERM each).
     Outside the main thread signals cannot be caught, and the flag stays unset."""
     flag: dict = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
@@ -80,7 +82,8 @@ def interrupt_flag():
             file=sys.stderr,
         )
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield flag
     finally:
