@@ -128,9 +128,14 @@ def _trapezoid_loop(x, k, q, a, delta, lam, h0, x_prev, k_prev):
 def test_scan_equals_trapezoid_loop(chunk):
     """The chunked core (SSD with shifted weights and the diagonal correction) = the per-token
     trapezoid recurrence, outputs, final state and every input's gradient, across chunks."""
-    ins = {n: t.requires_grad_(True) for n, t in _scan_inputs(50).items()}
+    _assert_scan_matches(_scan_inputs(50), _trapezoid_loop, chunk)
+
+
+def _assert_scan_matches(ins, loop, chunk):
+    """mamba3_scan = ``loop`` in outputs, final state and every input's gradient (float64)."""
+    ins = {n: t.requires_grad_(True) for n, t in ins.items()}
     y, h = mamba3_scan(**ins, chunk_size=chunk)
-    y_ref, h_ref = _trapezoid_loop(**ins)
+    y_ref, h_ref = loop(**ins)
     assert_close("output", y_ref, y, **F64)
     assert_close("state", h_ref, h, **F64)
     w1, w2 = torch.randn_like(y), torch.randn_like(h)
@@ -365,16 +370,7 @@ def test_mimo_scan_equals_rank_r_loop(rank, chunk):
         a=-delta * F.softplus(r(b, T, H)), delta=delta, lam=torch.sigmoid(r(b, T, H)),
         h0=r(b, H, P, N), x_prev=r(b, H, rank, P), k_prev=r(b, H, rank, N),
     )  # fmt: skip
-    ins = {n: t.requires_grad_(True) for n, t in ins.items()}
-    y, h = mamba3_scan(**ins, chunk_size=chunk)
-    y_ref, h_ref = _mimo_loop(**ins)
-    assert_close("output", y_ref, y, **F64)
-    assert_close("state", h_ref, h, **F64)
-    w1, w2 = torch.randn_like(y), torch.randn_like(h)
-    grads = torch.autograd.grad((y * w1).sum() + (h * w2).sum(), list(ins.values()))
-    refs = torch.autograd.grad((y_ref * w1).sum() + (h_ref * w2).sum(), list(ins.values()))
-    for name, a, b_ in zip(ins, refs, grads):
-        assert_close(f"gradient of {name}", a, b_, **F64)
+    _assert_scan_matches(ins, _mimo_loop, chunk)
 
 
 def test_mimo_ranks_are_used_and_numbers():

@@ -219,13 +219,9 @@ def run(
         desc=f"echo {table}: {len(done)}/{len(keys)} runs done",
     )
     try:
-        if workers > 1 and len(todo) > 1:
-            from kvfree.bench.recall_workers import run_parallel
+        from kvfree.bench.recall_workers import run_jobs
 
-            results = run_parallel(job, payloads, workers, bar)
-        else:
-            results = (job(p, bar.update) for p in payloads)
-        for res in results:
+        for res in run_jobs(job, payloads, workers, bar):
             done[(res["row"], res["seed"])] = res
             bar.set_description(f"echo {table}: {len(done)}/{len(keys)} runs done")
     except KeyboardInterrupt:

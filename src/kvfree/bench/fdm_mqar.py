@@ -180,13 +180,9 @@ def run(
         desc=f"fdm-mqar: {len(done)}/{len(keys)} runs done",
     )
     try:
-        if workers > 1 and len(todo) > 1:
-            from kvfree.bench.recall_workers import run_parallel
+        from kvfree.bench.recall_workers import run_jobs
 
-            results = run_parallel(fdm_mqar_job, payloads, workers, bar)
-        else:
-            results = (fdm_mqar_job(pl, bar.update) for pl in payloads)
-        for rec in results:
+        for rec in run_jobs(fdm_mqar_job, payloads, workers, bar):
             done[(rec["model"], rec["setting"], rec["seed"])] = rec
             bar.set_description(f"fdm-mqar: {len(done)}/{len(keys)} runs done")
             bar.write(

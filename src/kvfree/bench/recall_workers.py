@@ -2,7 +2,8 @@
 
 Small models on CPU use cores better as independent processes than as threads of one
 process. Workers send step counts through a queue so the parent's single progress bar shows
-steps and the ETA of the whole grid. Used by ``bench recall`` and ``reproduce echo-table*``.
+steps and the ETA of the whole grid. Used by ``bench recall``, ``bench fdm-mqar`` and ``reproduce
+echo-table*``.
 """
 
 from __future__ import annotations
@@ -87,3 +88,13 @@ def run_parallel(fn: Callable, payloads: Iterable, workers: int, bar):
                     os.kill(proc.pid, signal.SIGTERM)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def run_jobs(fn: Callable, payloads: list, workers: int, bar):
+    """Yield ``fn(payload, bar.update)`` of each payload: in worker processes when there are
+    several workers and jobs (:func:`run_parallel`), else one after another in this process."""
+    if workers > 1 and len(payloads) > 1:
+        yield from run_parallel(fn, payloads, workers, bar)
+    else:
+        for p in payloads:
+            yield fn(p, bar.update)
