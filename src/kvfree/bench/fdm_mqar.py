@@ -87,7 +87,7 @@ def _summary(rows: list[dict]) -> list[dict]:
                 "test_at_best_val": show(bv),
                 "max_over_epochs_repro": show(mx),
                 "paper_max_over_epochs": PAPER.get((model_name, setting)),
-                "seconds_per_run": float(np.mean([r["seconds"] for r in rs])),
+                "seconds_per_run": round(float(np.mean([r["seconds"] for r in rs]))),
                 "final_mean": f[0],
                 "best_val_mean": bv[0],
                 "max_mean": mx[0],
@@ -202,8 +202,9 @@ def run(
     bar.close()
     rows = [done[k] for k in keys if k in done]
     env = environment(device)
-    if threads is not None:  # the runs', not this process's
-        env["threads"] = threads
+    recorded = {r["threads"] for r in rows if "threads" in r}
+    if threads is not None or len(recorded) == 1:  # the runs', not this process's
+        env["threads"] = threads if threads is not None else recorded.pop()
     result = {
         "benchmark": "fdm_mqar",
         "protocol": asdict(p),
