@@ -22,7 +22,7 @@ examples per cell; ``cpu`` = the same 6 000 steps at LR 3e-3 and 100 test exampl
 3e-4 a 600-step pilot of SSM + Attn stayed at chance (1/32) while 3e-3 had started to learn, and
 2 000 steps at 3e-3 (the low end of the paper's Table 6 range, "2000–6000") left SSM + SKA at
 0.05–0.11 on the validation sets: below that budget the table measures the budget. A run takes
-about 20 min on one core (two at a time on 2 cores); the three seeds of four rows, ~2 h, are
+about 20 min on one core (two at a time on 2 cores); the three seeds of five rows, ~2.5 h, are
 shared by both tables, so Table 3 then costs its evaluation only (~3 min per model).
 Every run records its learning curve (validation accuracy on held-out SysPrompt, ToolTrace and
 zero-shot NIAH at length 64, every ``eval_every`` steps), so a table entry can be read against
