@@ -32,6 +32,20 @@ def _rot(v, theta):
     return torch.cat([torch.stack([c.real, c.imag], -1).flatten(-2), v[..., 2 * R :]], -1)
 
 
+def _gates(m, dd_dt, dd_A, trap, ang, theta):
+    """Δ = softplus(dd_Δ + dt_bias), A = min(−f(dd_A), −A_floor), λ = σ(trap), and the angles
+    advanced by Δ·π tanh(φ̃) mod 2π, as the reference writes them."""
+    delta = F.softplus(dd_dt + m.dt_bias)
+    if m.A_act == "softplus":
+        pos = F.softplus(dd_A)
+    else:
+        pos = torch.where(dd_A >= 0, 1 + dd_A, 1 / (1 - dd_A.clamp(max=0)))
+    A = torch.minimum(-pos, torch.full_like(pos, -m.A_floor))
+    theta = theta + delta[:, :, None] * (math.pi * torch.tanh(ang))[:, None, :]
+    theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+    return delta, A, torch.sigmoid(trap), theta
+
+
 def _rot_halves(v, theta):
     """Pairs (v_n, v_{n+N/2}), n < R, as complex numbers times e^{iθ_n}; the rest unchanged."""
     R, half = theta.shape[-1], v.shape[-1] // 2
@@ -70,15 +84,7 @@ class TestMamba3(MixerContract):
             xs = xs.reshape(Bsz, H, P)
             Bh = _rms(Bt.reshape(Bsz, G, N), m.B_norm_weight, m.eps)[:, group] + m.B_bias
             Ch = _rms(Ct.reshape(Bsz, G, N), m.C_norm_weight, m.eps)[:, group] + m.C_bias
-            delta = F.softplus(dd_dt + m.dt_bias)
-            if m.A_act == "softplus":
-                pos = F.softplus(dd_A)
-            else:
-                pos = torch.where(dd_A >= 0, 1 + dd_A, 1 / (1 - dd_A.clamp(max=0)))
-            A = torch.minimum(-pos, torch.full_like(pos, -m.A_floor))
-            lam = torch.sigmoid(trap)
-            theta = theta + delta[:, :, None] * (math.pi * torch.tanh(ang))[:, None, :]
-            theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+            delta, A, lam, theta = _gates(m, dd_dt, dd_A, trap, ang, theta)
             k, q = _rot(Bh, theta), _rot(Ch, theta)
             alpha = torch.exp(delta * A)
             h = (
@@ -315,15 +321,7 @@ class TestMamba3MIMO(MixerContract):
             Bh = _rms(Bt.reshape(Bsz, r, G, N), m.B_norm_weight, m.eps)[:, :, group]
             Ch = _rms(Ct.reshape(Bsz, r, G, N), m.C_norm_weight, m.eps)[:, :, group]
             Bh, Ch = Bh.transpose(1, 2) + m.B_bias, Ch.transpose(1, 2) + m.C_bias  # [b, H, r, N]
-            delta = F.softplus(dd_dt + m.dt_bias)
-            if m.A_act == "softplus":
-                pos = F.softplus(dd_A)
-            else:
-                pos = torch.where(dd_A >= 0, 1 + dd_A, 1 / (1 - dd_A.clamp(max=0)))
-            A = torch.minimum(-pos, torch.full_like(pos, -m.A_floor))
-            lam = torch.sigmoid(trap)
-            theta = theta + delta[:, :, None] * (math.pi * torch.tanh(ang))[:, None, :]
-            theta = theta - 2 * math.pi * torch.floor(theta / (2 * math.pi))
+            delta, A, lam, theta = _gates(m, dd_dt, dd_A, trap, ang, theta)
             k, q = _rot_halves(Bh, theta[:, :, None]), _rot_halves(Ch, theta[:, :, None])
             alpha = torch.exp(delta * A)
             xr, xr_prev = xs[:, :, None] * m.mimo_x, x_prev[:, :, None] * m.mimo_x
