@@ -35,6 +35,11 @@ def test_table2_then_table3_share_the_models(tmp_path, short_lengths):
         assert at128["decode_examples"] == 2 and at128["decode_agree"] == 1.0
         assert at128["decode_max_abs_diff"] < 1e-3
     att, ska = by_row["ssm-attn"]["lengths"], by_row["ssm-ska-mask"]["lengths"]
+    for rec in ska:  # chunk-mode SKA: accuracy split by whether SKA can see the needle
+        k = rec["needles_in_query_chunk"]
+        parts = [(4 - k, rec["acc_needle_in_earlier_chunk"]), (k, rec["acc_needle_in_query_chunk"])]
+        assert rec["acc"] == pytest.approx(sum(n * a for n, a in parts if n) / 4)
+    assert "ska_chunk" not in att[0]
     assert ska[0]["state_bytes"] == ska[1]["state_bytes"]  # fixed memory
     assert att[1]["state_bytes"] > att[0]["state_bytes"]  # a KV cache grows
     train = json.loads((tmp_path / "models/ssm-attn-s0/train.json").read_text())
@@ -42,6 +47,7 @@ def test_table2_then_table3_share_the_models(tmp_path, short_lengths):
     assert set(train["curve"][0]["acc"]) == set(S.VAL_SETS)
     md = (tmp_path / "echo_table2.md").read_text()
     assert "SSM+Attn — kvfree" in md and "97.4" in md  # the paper's 128 entry beside ours
+    assert "SKA ceiling: needle in an earlier chunk of 16" in md
     mtime = (tmp_path / "models/ssm-attn-s0/train.json").stat().st_mtime_ns
 
     res3 = T.run("table3", tmp_path, rows, [0], TINY, device="cpu", progress=False)
@@ -112,3 +118,19 @@ def test_bad_input_is_one_line(tmp_path):
     assert_user_error(bad_seeds, "seeds")
     assert_user_error(no_result, "echo_table3.json", "kvfree reproduce echo-table3")
     assert not (tmp_path / "x").exists()  # validation before anything is written
+
+
+def test_needle_in_query_chunk_is_what_chunk_mode_ska_cannot_read():
+    assert T.ska_chunk("ssm") is None and T.ska_chunk("ssm-attn") is None
+    assert T.ska_chunk("ssm-ska") == T.ska_chunk("ssm-ska-recipe") == 16
+    for L in (64, 128, 200):
+        data = make("niah", 5, num_examples=200, seq_len=L, n=1)
+        hidden = T.needle_in_query_chunk(data, 16)
+        first_of_query_chunk = 16 * ((L - 2) // 16)
+        for row, h in zip(data.inputs, hidden):  # brute force: where is the queried key?
+            start = [j for j in range(L - 3) if row[j] == row[L - 2]]
+            assert len(start) == 1 and h == (start[0] + 1 >= first_of_query_chunk)
+        assert 0 < hidden.sum() < len(hidden)
+    # the test set's ceiling is the share of needles SKA can see: at L = 64 the last chunk holds
+    # 14 of the 61 possible needle starts (47 … 60), about 23 %
+    assert T.chunk_ceiling(64, 400, 16) == pytest.approx(1 - 14 / 61, abs=0.06)

@@ -41,10 +41,14 @@ def aggregate(table: str, results: list[dict]) -> list[dict]:
             for i, L in enumerate(p["length"] for p in rs[0]["lengths"]):
                 per = [r["lengths"][i] for r in rs]
                 agree = [p["decode_agree"] for p in per if "decode_agree" in p]
+                hidden = [p.get("acc_needle_in_query_chunk") for p in per]
                 entry["lengths"].append(
                     {
                         "length": L,
                         "acc": _stat([p["acc"] for p in per]),
+                        "acc_needle_in_query_chunk": (
+                            _stat(hidden) if None not in hidden else None
+                        ),
                         "state_bytes": per[0]["state_bytes"],
                         "decode_agree_min": min(agree) if agree else None,
                         "decode_max_abs_diff": max(
@@ -115,6 +119,20 @@ def markdown(summary: dict) -> str:
                     dec,
                 ]
             )
+            if all(x.get("acc_needle_in_query_chunk") for x in ls):
+                lines.append(
+                    [
+                        f"{e['label']}: needles in the query's chunk only",
+                        *(_pct(x["acc_needle_in_query_chunk"]) for x in ls),
+                        "",
+                        "",
+                    ]
+                )
+        n_test = meta["recipe"]["n_test"]
+        for c in sorted({c for e in entries if (c := T.ska_chunk(e["row"]))}):
+            shares = (100 * T.chunk_ceiling(L, n_test, c) for L in lengths)
+            label = f"SKA ceiling: needle in an earlier chunk of {c} (test set)"
+            lines.append([label, *(f"{v:.1f}" for v in shares), "", ""])
         for i, label in enumerate(T.PAPER_LABELS):
             paper = T.PAPER_TABLE2[i]
             lines.append([f"{label} — paper", *(_num(paper.get(L)) for L in lengths), "", ""])
@@ -123,7 +141,9 @@ def markdown(summary: dict) -> str:
             f"tested at {span.replace('→', '…')}. Decoder: at every length beyond 64 the first "
             f"{meta['recipe']['decode_examples']} examples also run token by token through the "
             "recurrent decoder; the share of scored positions whose argmax equals the parallel "
-            "form's (lowest over lengths and seeds). "
+            "form's (lowest over lengths and seeds). SKA ceiling: the share of the test "
+            "needles that lie in a strictly earlier chunk than the query; chunk-mode SKA reads "
+            "only earlier chunks, so a model that recalls through SKA alone cannot exceed it. "
         )
     else:
         cols = ["task", *(e["label"] for e in entries), *(f"{p} paper" for p in T.PAPER_LABELS)]
@@ -168,7 +188,7 @@ def curves(out_dir: Path, entries: list[dict]) -> dict:
     return panels
 
 
-def plot_table2(entries: list[dict], path) -> Path:
+def plot_table2(entries: list[dict], path, n_test: int) -> Path:
     from kvfree.report.plots import _plt, _save
 
     plt = _plt()
@@ -189,6 +209,10 @@ def plot_table2(entries: list[dict], path) -> Path:
             lw=1,
             label=f"{label} (paper)",
         )
+    for c in sorted({c for e in entries if (c := T.ska_chunk(e["row"]))}):
+        x = [p["length"] for p in entries[0]["lengths"]]
+        ceiling = [T.chunk_ceiling(L, n_test, c) for L in x]
+        ax.plot(x, ceiling, color="black", ls=":", lw=1.2, label=f"SKA ceiling (chunk {c})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(T.PAPER_TABLE2[0]), [str(L) for L in T.PAPER_TABLE2[0]])
     ax.set_ylim(-0.02, 1.02)
@@ -210,7 +234,8 @@ def render(out_dir: Path, table: str, summary: dict) -> tuple[str, list[Path]]:
     md = markdown(summary)
     files = [atomic_write(out_dir / f"echo_{table}.md", md + "\n")]
     if table == "table2":
-        files.append(plot_table2(summary["rows"], out_dir / "echo_table2.png"))
+        n_test = summary["meta"]["recipe"]["n_test"]
+        files.append(plot_table2(summary["rows"], out_dir / "echo_table2.png", n_test))
     panels = {k: v for k, v in summary.get("curves", {}).items() if v}
     if panels:
         files.append(

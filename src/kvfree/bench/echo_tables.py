@@ -85,27 +85,75 @@ def decode_check(model, data, mask: str | None, device) -> dict:
     }
 
 
-def table2_eval(model, row: str, r: S.Recipe, device) -> dict:
-    from kvfree.bench.recall import evaluate, measure_state
+def ska_chunk(row: str) -> int | None:
+    """The chunk size S of the row's SKA layers when they run in ``chunk`` mode, else None."""
+    import inspect
 
+    from kvfree.mixers.ska import SKA
+    from kvfree.models import preset
+
+    opts = preset(S.ROWS[row][1]).mixer_options.get("ska")
+    if opts is None:
+        return None
+    defaults = inspect.signature(SKA.__init__).parameters
+    mode = opts.get("mode", defaults["mode"].default)
+    return opts.get("chunk_size", defaults["chunk_size"].default) if mode == "chunk" else None
+
+
+def needle_in_query_chunk(data, chunk: int) -> np.ndarray:
+    """Per NIAH example [N]: whether the queried needle's value token lies in the same chunk of
+    ``chunk`` tokens as the scored query position (L − 2) or later. Chunk-mode SKA reads only
+    strictly earlier chunks (docs/ska.md §5), so no SKA read can retrieve such a needle; the
+    share of the other examples is the ceiling of a model that recalls through SKA alone."""
+    L = data.inputs.shape[1]
+    key = data.inputs[:, L - 2]
+    start = (data.inputs[:, : L - 3] == key[:, None]).argmax(1)  # keys are distinct tokens
+    return start + 1 >= ((L - 2) // chunk) * chunk
+
+
+def table2_data(L: int, n_test: int):
+    """The NIAH test set of length ``L`` (the same examples for every model and seed)."""
+    return make("niah", derive_seed("test", "echo-table2", L), num_examples=n_test, seq_len=L, n=1)
+
+
+def chunk_ceiling(L: int, n_test: int, chunk: int) -> float:
+    """Share of the length-``L`` test needles that chunk-mode SKA with chunk ``chunk`` can see."""
+    return float(1 - needle_in_query_chunk(table2_data(L, n_test), chunk).mean())
+
+
+def table2_eval(model, row: str, r: S.Recipe, device) -> dict:
+    from kvfree.bench.recall import example_accuracies, measure_state
+
+    chunk = ska_chunk(row)
     out = []
     for L in TEST_LENGTHS:
-        data = make(
-            "niah", derive_seed("test", "echo-table2", L), num_examples=r.n_test, seq_len=L, n=1
-        )
+        data = table2_data(L, r.n_test)
         mask = S.mask_for(row, data)
         measured, formula = measure_state(model, data, mask, device)
+        accs, _ = example_accuracies(model, data, mask, S.eval_batch(r, L), device)
         rec = {
             "length": L,
-            "acc": evaluate(model, data, mask, S.eval_batch(r, L), device),
+            "acc": float(np.nanmean(accs)),
             "state_bytes": measured,
             "state_bytes_formula": formula,
         }
+        if chunk:  # the split by whether chunk-mode SKA can see the needle at all
+            hidden = needle_in_query_chunk(data, chunk)
+            rec.update(
+                ska_chunk=chunk,
+                needles_in_query_chunk=int(hidden.sum()),
+                acc_needle_in_earlier_chunk=_mean_or_none(accs[~hidden]),
+                acc_needle_in_query_chunk=_mean_or_none(accs[hidden]),
+            )
         if r.seq_len < L and r.decode_examples:
             k = min(r.decode_examples, len(data))
             rec.update(decode_check(model, data.subset(np.arange(k)), mask, device))
         out.append(rec)
     return {"lengths": out}
+
+
+def _mean_or_none(v: np.ndarray) -> float | None:
+    return float(v.mean()) if len(v) else None
 
 
 def table3_eval(model, row: str, r: S.Recipe, device) -> dict:

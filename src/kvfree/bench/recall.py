@@ -125,6 +125,15 @@ def evaluate_with_loss(
     model, data: TaskData, mask: str | None, batch: int, device
 ) -> tuple[float, float]:
     """(mean per-example accuracy, mean cross-entropy over the scored positions)."""
+    accs, loss = example_accuracies(model, data, mask, batch, device)
+    return float(np.nanmean(accs)), loss
+
+
+def example_accuracies(
+    model, data: TaskData, mask: str | None, batch: int, device
+) -> tuple[np.ndarray, float]:
+    """(accuracy of each example [N] — the share of its scored positions whose argmax over the
+    full vocabulary is the label —, mean cross-entropy over all scored positions)."""
     import torch
 
     from kvfree.train import lm_loss
@@ -142,8 +151,7 @@ def evaluate_with_loss(
             n = int(scored.sum())
             nll += float(lm_loss(logits, b["labels"][scored])) * n
             count += n
-    acc = float(np.nanmean(example_accuracy(np.concatenate(preds), data.labels)))
-    return acc, nll / max(count, 1)
+    return example_accuracy(np.concatenate(preds), data.labels), nll / max(count, 1)
 
 
 def measure_state(model, data: TaskData, mask: str | None, device) -> tuple[int, int | None]:
