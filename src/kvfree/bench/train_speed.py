@@ -28,6 +28,20 @@ from pathlib import Path
 #: intra-chunk work grows with T·C and the loop over chunks is short.
 REFERENCE_CHUNKS = {"mamba2": 64, "gated_deltanet": 64}
 
+#: Dense kernels whose work the math fixes (matrix products and PyTorch's fused attention): their
+#: share of a step's time bounds what removing or fusing every other op could gain.
+GEMM_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
+)
+PROFILED_STEPS = 8  # one step per training cell of the grid's round-robin mixture
+
 
 def _set_chunks(model, chunks: dict[str, int]) -> None:
     for mixer in model.mixers():
@@ -64,6 +78,7 @@ def measure(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -
     for b in batches[warmup:]:
         trainer.train_step(b)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    gemm_share = _gemm_share(trainer, batches[warmup : warmup + PROFILED_STEPS])
     return {
         "model": model_spec,
         "mode": mode,
@@ -74,7 +89,22 @@ def measure(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -
         "flush_denormals": flushed,
         "chunks": {m.name: m.chunk_size for m in model.mixers() if hasattr(m, "chunk_size")},
         "params": model.num_parameters(),
+        "gemm_share": gemm_share,
     }
+
+
+def _gemm_share(trainer, batches) -> float:
+    """Share of the self CPU time of ``batches``' training steps (after the timed ones, under
+    ``torch.profiler``) spent in :data:`GEMM_OPS`. The profiler's per-op overhead falls mostly on
+    the many small ops, so this errs low, and the bound it gives (1 / share) errs high."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            trainer.train_step(b)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
 
 
 def _spawn(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -> dict:
@@ -118,6 +148,7 @@ def run(
     for m in models:  # an unknown preset fails here in one line, not in a worker
         build_model(m, 192, 0)
     runs: list[dict] = []
+    load = os.getloadavg()[0]  # other jobs on the machine slow the memory-bound ops most
     bar = tqdm(total=rounds * len(models) * 2, unit="proc", disable=not progress)
     t0 = time.time()
     for r in range(rounds):
@@ -151,16 +182,26 @@ def run(
                 "ratio": statistics.median(ratios),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),
+                "gemm_share_fast": statistics.median(
+                    x["gemm_share"] for x in mine if x["mode"] == "fast"
+                ),
                 "chunks_fast": next(x["chunks"] for x in mine if x["mode"] == "fast"),
                 "chunks_reference": next(x["chunks"] for x in mine if x["mode"] == "reference"),
             }
         )
     env = environment("cpu")
     env["threads"] = threads
+    env["load_average"] = load
     result = {
         "rows": rows,
         "runs": runs,
-        "config": {"steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads},
+        "config": {
+            "steps": steps,
+            "warmup": warmup,
+            "rounds": rounds,
+            "threads": threads,
+            "profiled_steps": PROFILED_STEPS,
+        },
         "env": env,
         "wall_seconds": time.time() - t0,
     }
@@ -181,7 +222,17 @@ def render(result: dict) -> str:
         f"of fast/reference in the same round (min–max). {env['device']} ({env['device_name']}"
         f"), {c['threads']} thread(s) per process, torch {env['torch']}."
     )
-    cols = ["model", "reference steps/s", "fast steps/s", "fast / reference", "min–max", "chunks"]
+    if any("gemm_share_fast" in r for r in result["rows"]):
+        head += (
+            " GEMM share = the share of a fast step's time in matrix products and fused "
+            f"attention (torch.profiler, {c['profiled_steps']} more steps after the timing, one "
+            "per training cell), work the math fixes; bound = ratio / share, the most fast / "
+            "reference could reach at today's GEMM shapes if every other op took no time."
+        )
+    if "load_average" in env:
+        head += f" Load average (1 min) at start {env['load_average']:.1f}."
+    cols = ["model", "reference steps/s", "fast steps/s", "fast / reference", "min–max"]
+    cols += ["GEMM share", "bound", "chunks"]
     rows = [
         dict(
             zip(
@@ -192,6 +243,8 @@ def render(result: dict) -> str:
                     round(r["fast_steps_per_s"], 2),
                     f"{r['ratio']:.2f}×",
                     f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f}",
+                    f"{r['gemm_share_fast']:.0%}" if "gemm_share_fast" in r else "—",
+                    f"{r['ratio'] / r['gemm_share_fast']:.1f}×" if "gemm_share_fast" in r else "—",
                     ", ".join(
                         f"{k} {r['chunks_reference'][k]}→{v}" for k, v in r["chunks_fast"].items()
                     )
