@@ -211,7 +211,7 @@ def run(
         "env": {**env, "workers": workers},
         "wall_seconds": time.time() - t0,
         "summary": _summary(rows),
-        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+        "runs": rows,  # with each run's per-epoch curve (train loss, val and test accuracy)
         "missing": missing,
     }
     write_json(out_dir / "fdm_mqar.json", result)
