@@ -11,6 +11,10 @@ within a round, which cancels slow drift of a shared machine.
 
 Reference = ``KVFREE_REFERENCE_KERNELS=1`` (every fast path off) and the chunk sizes the recall
 presets had before the fast paths (:data:`REFERENCE_CHUNKS`).
+
+Each fast process then profiles one more step per training cell and reports the share of the
+time spent in matrix products and fused attention (:data:`GEMM_OPS`). ratio / share bounds the
+ratio any change that keeps the math (and so these products) could reach.
 """
 
 from __future__ import annotations
