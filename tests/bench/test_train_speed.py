@@ -30,6 +30,7 @@ def test_tiny_run_reports_ratio_share_and_bound(tmp_path):
     res = ts.run(["recall-attention"], tmp_path, steps=2, warmup=1, rounds=1, progress=False)
     (row,) = res["rows"]
     assert {x["mode"] for x in res["runs"]} == {"fast", "reference"}
+    assert [x["gemm_share"] for x in res["runs"] if x["mode"] == "reference"] == [None]
     assert 0 < row["gemm_share_fast"] < 1 and row["ratio"] > 0
     saved = json.loads((tmp_path / "train_speed.json").read_text())
     assert saved["rows"][0]["gemm_share_fast"] == row["gemm_share_fast"]

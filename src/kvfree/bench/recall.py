@@ -132,8 +132,8 @@ def evaluate_with_loss(
 def example_accuracies(
     model, data: TaskData, mask: str | None, batch: int, device
 ) -> tuple[np.ndarray, float]:
-    """(accuracy of each example [N] — the share of its scored positions whose argmax over the
-    full vocabulary is the label —, mean cross-entropy over all scored positions)."""
+    """(per-example accuracy [N], mean cross-entropy over all scored positions). An example's
+    accuracy is the share of its scored positions whose argmax over the vocabulary is the label."""
     import torch
 
     from kvfree.train import lm_loss

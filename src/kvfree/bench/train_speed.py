@@ -82,7 +82,8 @@ def measure(model_spec: str, mode: str, steps: int, warmup: int, threads: int) -
     for b in batches[warmup:]:
         trainer.train_step(b)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    gemm_share = _gemm_share(trainer, batches[warmup : warmup + PROFILED_STEPS])
+    profiled = batches[warmup : warmup + PROFILED_STEPS]
+    gemm_share = _gemm_share(trainer, profiled) if mode == "fast" else None  # fast only
     return {
         "model": model_spec,
         "mode": mode,
