@@ -158,3 +158,30 @@ def test_main_job_presets_and_oracle_mask():
         256,
     }
     assert g.lrs_for("recall-attention") == [1e-3] and g.lrs_for("recall-gdn") == [3e-3]
+
+
+def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
+    from kvfree.bench.recall_report import merge
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    R.run(tiny(), MODELS[:1], [0], a, progress=False, plots=False)
+    R.run(tiny(), MODELS[:1], [1], b, progress=False, plots=False)
+    R.run(tiny(steps=4), MODELS[:1], [2], c, progress=False, plots=False)
+    before = (a / "results.jsonl").read_text()
+    with pytest.raises(ValueError, match="in both"):
+        merge(a, [a, b, b])
+    with pytest.raises(ValueError, match="another grid"):
+        merge(a, [a, c])
+    assert (a / "results.jsonl").read_text() == before  # a refused merge writes nothing
+
+    res = merge(a, [a, b], plots=False)
+    rows = [json.loads(x) for x in (a / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == 2 * 2
+    assert res["meta"]["seeds"] == [0, 1] and len(res["meta"]["merged_from"]) == 2
+    cell = next(iter(res["summary"][MODELS[0]]["cells"].values()))
+    accs = [r["test_acc"] for r in rows if r["cell"] == rows[0]["cell"]]
+    assert cell["seeds"] == [0, 1] and cell["test_acc"] == pytest.approx(np.mean(accs))
+    assert "Merged from 2 invocations" in res["markdown"] and "–" in res["markdown"]
+
+    out = CliRunner().invoke(_app(), ["report", "recall-merge", str(tmp_path / "m"), str(a)])
+    assert out.exit_code != 0 and not (tmp_path / "m").exists()

@@ -197,6 +197,20 @@ def markdown(summary: dict, meta: dict) -> str:
         if wall and meta.get("jobs_run")
         else ""
     )
+    if meta.get("merged_from"):
+        parts = [
+            f"seeds {m['seeds']} of {len(m['models'])} model(s) on {m['env'].get('device', '?')}, "
+            f"{m.get('workers', 1)} × "
+            f"{m.get('threads_per_worker') or m['env'].get('threads', '?')} thread(s)"
+            + (f", {m['wall_seconds_this_run']:.0f} s" if m.get("wall_seconds_this_run") else "")
+            for m in meta["merged_from"]
+        ]
+        compute = "worker processes × torch threads as listed next"
+        timing = (
+            f" Merged from {len(parts)} invocations (`kvfree report recall-merge`): "
+            + "; ".join(parts)
+            + "."
+        )
     where = (
         "validation cell ("
         + ", ".join(_cell_label(c, grid["axes"]) for c in grid["val_cells"])
@@ -394,14 +408,66 @@ def make_plots(
     return files
 
 
-def report(run_dir: str | Path, plots: bool = True) -> dict:
-    """Regenerate summary, markdown and plots from ``run_dir/results.jsonl``."""
-    run_dir = Path(run_dir)
+def _load_run(run_dir: Path) -> tuple[list[dict], dict]:
     path = run_dir / "results.jsonl"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: run `kvfree bench recall --out {run_dir}` first"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    meta = json.loads((run_dir / "summary.json").read_text())["meta"]
+    return rows, json.loads((run_dir / "summary.json").read_text())["meta"]
+
+
+def merge(out_dir: str | Path, sources: list[str | Path], plots: bool = True) -> dict:
+    """Combine the rows of several ``bench recall`` folders of the same grid (seeds or models
+    trained in separate invocations, on one machine or several) into ``out_dir`` and regenerate
+    its tables and plots. ``out_dir`` may be one of the sources. A (model, seed, LR) run in two
+    sources, or a grid that differs, is an error; everything is checked before anything is
+    written."""
+    if len(sources) < 2:
+        raise ValueError("give at least two run folders to merge")
+    loaded = [(Path(s), *_load_run(Path(s))) for s in sources]
+    grid = loaded[0][2]["grid"]
+    owner: dict[tuple, Path] = {}
+    rows: list[dict] = []
+    for src, src_rows, meta in loaded:
+        if meta["grid"] != grid:
+            raise ValueError(
+                f"{src} was run on another grid than {loaded[0][0]} (grid "
+                f"{meta['grid']['name']!r} vs {grid['name']!r}, or changed settings): only "
+                "runs of the same grid merge"
+            )
+        for run in dict.fromkeys((r["model"], r["seed"], r["lr"]) for r in src_rows):
+            if run in owner:
+                raise ValueError(
+                    f"{run[0]} seed {run[1]} LR {run[2]:g} is in both {owner[run]} and {src}: "
+                    "keep one of them"
+                )
+            owner[run] = src
+        rows += src_rows
+    metas = [m for _, _, m in loaded]
+    meta = {
+        "grid": grid,
+        "models": list(dict.fromkeys(m for x in metas for m in x["models"])),
+        "seeds": sorted({s for x in metas for s in x["seeds"]}),
+        "env": metas[0]["env"],
+        "merged_from": [
+            {
+                "folder": str(src),
+                **{k: m.get(k) for k in ("models", "seeds", "wall_seconds_this_run", "jobs_run")},
+                **{k: m.get(k) for k in ("workers", "threads_per_worker")},
+                "env": m["env"],
+            }
+            for src, _, m in loaded
+        ],
+    }
+    for key in ("workers", "threads_per_worker"):
+        if len({m.get(key) for m in metas}) == 1:
+            meta[key] = metas[0].get(key)
+    return write_outputs(out_dir, rows, meta, plots=plots)
+
+
+def report(run_dir: str | Path, plots: bool = True) -> dict:
+    """Regenerate summary, markdown and plots from ``run_dir/results.jsonl``."""
+    rows, meta = _load_run(Path(run_dir))
     return write_outputs(run_dir, rows, meta, plots=plots)

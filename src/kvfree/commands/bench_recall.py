@@ -122,7 +122,26 @@ def report_recall(
     """Regenerate the recall tables and plots from RUN_DIR/results.jsonl."""
     from kvfree.bench.recall_report import report
 
-    res = report(run_dir)
+    _show(report(run_dir), readme, section)
+
+
+@report_app.command("recall-merge")
+def report_recall_merge(
+    out: str = typer.Argument(..., help="Folder for the merged results (may be a source)."),
+    sources: list[str] = typer.Argument(..., help="`bench recall` folders of the same grid."),
+    readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("recall", help="README section name."),
+) -> None:
+    """Merge `bench recall` folders of one grid (seeds or models trained in separate
+    invocations) into OUT and regenerate its tables and plots."""
+    from kvfree.bench.recall_report import merge
+
+    res = merge(out, sources)
+    _show(res, readme, section)
+    print("wrote " + ", ".join(res["files"]))
+
+
+def _show(res: dict, readme: str | None, section: str) -> None:
     print(res["markdown"])
     if readme:
         from kvfree.report.tables import update_readme_section
