@@ -185,3 +185,31 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
 
     out = CliRunner().invoke(_app(), ["report", "recall-merge", str(tmp_path / "m"), str(a)])
     assert out.exit_code != 0 and not (tmp_path / "m").exists()
+
+
+def test_length_table_averages_depths_per_seed_then_spans_seeds():
+    from kvfree.bench.recall_report import length_table, summarise
+
+    acc = {(256, 0.0): (1.0, 0.8), (256, 1.0): (0.6, 0.4), (512, 0.0): (0.2, 0.2)}
+    base = dict(model="m", lr=1e-3, val_acc=0.5, n=1, state_bytes=1, state_bytes_formula=1)
+    rows = [
+        dict(
+            base,
+            seed=s,
+            cell=f"L={L},d={d}",
+            seq_len=L,
+            depth=d,
+            test_acc=a[s],
+            params=1,
+            oracle_mask=False,
+            train_seconds=1.0,
+        )
+        for (L, d), a in acc.items()
+        for s in (0, 1)
+    ]
+    md = length_table(summarise(rows), ("depth", "seq_len"))
+    # L=256: seed 0 mean 0.8, seed 1 mean 0.6 -> 0.7 (0.6-0.8); L=512: one cell, both 0.2
+    assert "| m | 0.700 (0.600–0.800) | 0.200 (0.200–0.200) |" in md
+    assert length_table(summarise(rows), ("num_kv_pairs", "gap")) == ""
+    one_per_length = [r for r in rows if r["depth"] == 0.0]
+    assert length_table(summarise(one_per_length), ("depth", "seq_len")) == ""

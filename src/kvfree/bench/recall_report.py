@@ -35,6 +35,7 @@ def summarise(rows: list[dict]) -> dict:
         cells = {}
         for cell in dict.fromkeys(r["cell"] for r in sel):
             rs = [r for r in sel if r["cell"] == cell]
+            rs = sorted(rs, key=lambda r: r["seed"])
             acc = [r["test_acc"] for r in rs]
             cells[cell] = {
                 "test_acc": float(np.mean(acc)),
@@ -43,7 +44,8 @@ def summarise(rows: list[dict]) -> dict:
                 "test_max": float(np.max(acc)),
                 **{k: [r.get(k) for r in rs] for k in REACHED if k in rs[0]},
                 "val_acc": float(np.mean([r["val_acc"] for r in rs])),
-                "seeds": sorted(r["seed"] for r in rs),
+                "seeds": [r["seed"] for r in rs],
+                "test_by_seed": acc,
                 "state_bytes": rs[0]["state_bytes"],
                 "state_bytes_formula": rs[0]["state_bytes_formula"],
                 "seq_len": rs[0]["seq_len"],
@@ -140,6 +142,36 @@ def _cell_label(cell: dict, axes) -> str:
     return " ".join(f"{SHORT.get(k, k)}={cell[k]}" for k in keys)
 
 
+def _fmt_seeds(accs: list[float]) -> str:
+    m = f"{np.mean(accs):.3f}"
+    return m + (f" ({min(accs):.3f}–{max(accs):.3f})" if len(accs) > 1 else "")
+
+
+def length_table(summary: dict, axes) -> str:
+    """Per model and length: each seed's mean over the cell's other axes (e.g. needle depth),
+    then mean (min–max) over seeds. Empty when no length has more than one cell."""
+    others = [a for a in axes if a != "seq_len"]
+    if "seq_len" not in axes or not others:
+        return ""
+    rows = []
+    for model, s in summary.items():
+        by_len: dict[int, list[dict[int, float]]] = {}
+        for x in s["cells"].values():
+            per_seed = dict(zip(x["seeds"], x["test_by_seed"]))
+            by_len.setdefault(x["seq_len"], []).append(per_seed)
+        rec = {"model": _label(model, s)}
+        for L, cells in sorted(by_len.items()):
+            seeds = set.intersection(*(set(c) for c in cells))  # seeds every cell has
+            rec[f"L={L}"] = _fmt_seeds([float(np.mean([c[k] for c in cells])) for k in seeds])
+        rows.append(rec)
+    if all(len(cells) == 1 for cells in by_len.values()):
+        return ""  # one cell per length: the main table says it already
+    return (
+        f"\nPer length, mean over {', '.join(others)} (each seed's mean, then mean and min–max "
+        "over seeds):\n\n" + markdown_table(rows)
+    )
+
+
 def markdown(summary: dict, meta: dict) -> str:
     grid = meta["grid"]
     models = summary
@@ -151,12 +183,7 @@ def markdown(summary: dict, meta: dict) -> str:
         rec = {"model": _label(model, s)}
         for c in cells:
             x = s["cells"].get(c)
-            if x is None:
-                rec[labels[c]] = None
-            elif len(x["seeds"]) > 1:
-                rec[labels[c]] = f"{x['test_acc']:.3f} ({x['test_min']:.3f}–{x['test_max']:.3f})"
-            else:
-                rec[labels[c]] = f"{x['test_acc']:.3f}"
+            rec[labels[c]] = None if x is None else _fmt_seeds(x["test_by_seed"])
         rec["mean"] = f"{s['mean_test_acc']:.3f}"
         rec["stopped (per seed)"] = _stops(s, grid["batch_size"])
         rec["LR"] = f"{s['lr']:g}"
@@ -264,6 +291,7 @@ def markdown(summary: dict, meta: dict) -> str:
     return (
         head
         + markdown_table(acc_rows)
+        + length_table(models, grid["axes"])
         + foot
         + reach
         + note
