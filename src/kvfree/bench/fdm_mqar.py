@@ -214,7 +214,7 @@ def run(
         "runs": rows,  # with each run's per-epoch curve (train loss, val and test accuracy)
         "missing": missing,
     }
-    write_json(out_dir / "fdm_mqar.json", result)
+    write_json(out_dir / "fdm_mqar.json", result, compact=True)
     md = fdm_mqar_markdown(result)
     atomic_write(out_dir / "fdm_mqar.md", md)
     return {**result, "markdown": md}

@@ -61,8 +61,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+def write_json(path: str | Path, obj: Any, compact: bool = False) -> Path:
+    """``obj`` as JSON, indented, or with no whitespace at all (``compact``: for files that
+    hold curves, where indentation would put every number on its own line)."""
+    text = json.dumps(
+        obj, default=str, **({"separators": (",", ":")} if compact else {"indent": 2})
+    )
+    return atomic_write(path, text + "\n")
 
 
 def write_result(out_dir: str | Path, stem: str, result: dict) -> None:
