@@ -101,3 +101,14 @@ def test_text_niah_grid_runs_with_a_training_length_curve(haystack, tmp_path):
     assert sorted(c["seq_len"] for c in on_curve) == [256, 256]  # validation at 256 only
     assert "validation cell (depth=0.0 L=256, depth=1.0 L=256)" in res["markdown"]
     assert (tmp_path / "heatmap_recall-mamba2.png").exists()
+
+
+def test_every_text_niah_grid_fits_its_needles_and_a_short_cell_is_refused():
+    from kvfree.bench.recall_grid import grid
+
+    for name, n in (("text-niah", 1), ("text-niah-mk4", 4)):
+        g = grid(name)
+        assert min(c["seq_len"] for c in g.cells) >= min_length(n)
+        assert g.training_cells()[0]["seq_len"] == min(c["seq_len"] for c in g.cells)
+    with pytest.raises(ValueError, match="too short for 4 needle"):
+        grid("text-niah-mk4", cells=[{"seq_len": 256, "n": 4, "depth": 0.0}])
