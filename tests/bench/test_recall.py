@@ -213,3 +213,20 @@ def test_length_table_averages_depths_per_seed_then_spans_seeds():
     assert length_table(summarise(rows), ("num_kv_pairs", "gap")) == ""
     one_per_length = [r for r in rows if r["depth"] == 0.0]
     assert length_table(summarise(one_per_length), ("depth", "seq_len")) == ""
+
+
+def test_curve_panels_keep_the_seed_that_trained_longer():
+    from kvfree.bench.recall_report import curve_panels, summarise
+    from kvfree.report.plots import _kilo
+
+    base = dict(model="m", lr=1e-3, cell="c", seq_len=8, num_kv_pairs=2, val_acc=0.5,
+                state_bytes=1, state_bytes_formula=1, params=1, oracle_mask=False,
+                train_seconds=1.0)  # fmt: skip
+    rows = [
+        dict(base, seed=0, test_acc=1.0, curve=[[100, 0.2], [200, 0.99]]),
+        dict(base, seed=1, test_acc=0.3, curve=[[100, 0.1], [200, 0.3], [300, 0.3], [400, 0.31]]),
+    ]
+    panel = curve_panels(rows, summarise(rows), ("num_kv_pairs",))["M=2"]["m"]
+    assert panel["x"] == [100, 200] and panel["mean"] == pytest.approx([0.15, 0.645])
+    assert panel["tails"] == [([200, 300, 400], [0.3, 0.3, 0.31])]  # joined at the last common
+    assert [_kilo(v) for v in (512, 4096, 131072, 2e6)] == ["512", "4.1k", "131k", "2M"]

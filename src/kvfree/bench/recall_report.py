@@ -332,7 +332,8 @@ def reference_points(task: str, cells: list[dict]) -> list[tuple[str, float]]:
 
 def curve_panels(rows: list[dict], summary: dict, axes) -> dict[str, dict[str, dict]]:
     """Learning curves per cell and model (at its selected LR): mean and min–max over seeds
-    at each evaluation, up to the last evaluation every seed reached."""
+    at each evaluation, up to the last evaluation every seed reached; ``tails``: each longer
+    seed's curve from there on (so that a seed left on a plateau stays visible)."""
     panels: dict[str, dict[str, dict]] = {}
     for model, s in summary.items():
         for cell, x in s["cells"].items():
@@ -354,6 +355,11 @@ def curve_panels(rows: list[dict], summary: dict, axes) -> dict[str, dict[str, d
                 "mean": acc.mean(0).tolist(),
                 "lo": acc.min(0).tolist(),
                 "hi": acc.max(0).tolist(),
+                "tails": [
+                    ([p[0] for p in c[n - 1 :]], [p[1] for p in c[n - 1 :]])
+                    for c in curves
+                    if len(c) > n
+                ],
             }
     return panels
 
@@ -429,7 +435,7 @@ def make_plots(
                 curves,
                 out_dir / "learning_curves.png",
                 title=f"{g['task']} ({g['name']}): validation accuracy while training "
-                "(mean over seeds, band min–max)",
+                "(mean over seeds, band min–max; thin: a seed trained on after the others stopped)",
                 refs=refs,
             )
         )

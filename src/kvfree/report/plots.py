@@ -109,7 +109,16 @@ def heatmaps(
 def _kilo_formatter():
     from matplotlib.ticker import FuncFormatter
 
-    return FuncFormatter(lambda v, _: f"{v / 1000:.2g}k" if v >= 1000 else f"{v:g}")
+    return FuncFormatter(lambda v, _: _kilo(v))
+
+
+def _kilo(v: float) -> str:
+    """Tick label: 512, 4.1k, 66k, 131k, 1.0M."""
+    if v >= 1e6:
+        return f"{v / 1e6:.2g}M"
+    if v >= 1e5:
+        return f"{v / 1e3:.0f}k"
+    return f"{v / 1000:.2g}k" if v >= 1000 else f"{v:g}"
 
 
 def _null_formatter():
@@ -125,7 +134,8 @@ def _reference_lines(ax, refs):
 
 
 def learning_curves(panels: dict[str, dict[str, dict]], path, *, title: str, refs=None) -> Path:
-    """``panels[cell][model] = {"x": examples, "mean", "lo", "hi"}`` (lists of equal length);
+    """``panels[cell][model] = {"x": examples, "mean", "lo", "hi"}`` (lists of equal length)
+    and optionally ``"tails"``: [(x, acc)] single runs drawn thin past the mean's end;
     ``refs[cell]``: (label, accuracy) reference lines of that cell (chance, plateaus)."""
     plt = _plt()
     n = len(panels)
@@ -139,6 +149,8 @@ def learning_curves(panels: dict[str, dict[str, dict]], path, *, title: str, ref
             ax.plot(c["x"], c["mean"], color=colors[model], lw=1.4, label=model)
             if any(lo != hi for lo, hi in zip(c["lo"], c["hi"])):
                 ax.fill_between(c["x"], c["lo"], c["hi"], color=colors[model], alpha=0.18, lw=0)
+            for x, acc in c.get("tails", []):
+                ax.plot(x, acc, color=colors[model], lw=0.8, alpha=0.7)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(_kilo_formatter())
         ax.xaxis.set_minor_formatter(_null_formatter())

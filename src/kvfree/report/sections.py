@@ -63,6 +63,7 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
         "kvfree.bench.prefill_speed:render",
     ),
     "frontier": ("frontier", "recall_per_byte.json", "kvfree.bench.frontier:markdown"),
+    "frontier-cap3600": ("frontier-cap3600", "results.jsonl", _recall),
     "echo-table2": ("echo-suite", "echo_table2.json", "kvfree.bench.echo_report:markdown"),
     "echo-table3": ("echo-suite", "echo_table3.json", "kvfree.bench.echo_report:markdown"),
 }
