@@ -183,6 +183,12 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     assert cell["seeds"] == [0, 1] and cell["test_acc"] == pytest.approx(np.mean(accs))
     assert "Merged from 2 invocations" in res["markdown"] and "–" in res["markdown"]
 
+    d = tmp_path / "d"  # a merged folder merges again, keeping one entry per invocation
+    R.run(tiny(), MODELS[:1], [3], d, progress=False, plots=False)
+    again = merge(a, [a, d], plots=False)
+    assert again["meta"]["seeds"] == [0, 1, 3] and len(again["meta"]["merged_from"]) == 3
+    assert "Merged from 3 invocations" in again["markdown"]
+
     out = CliRunner().invoke(_app(), ["report", "recall-merge", str(tmp_path / "m"), str(a)])
     assert out.exit_code != 0 and not (tmp_path / "m").exists()
 

@@ -34,8 +34,7 @@ def summarise(rows: list[dict]) -> dict:
         sel = [r for r in rows if r["model"] == model and r["lr"] == lr]
         cells = {}
         for cell in dict.fromkeys(r["cell"] for r in sel):
-            rs = [r for r in sel if r["cell"] == cell]
-            rs = sorted(rs, key=lambda r: r["seed"])
+            rs = sorted((r for r in sel if r["cell"] == cell), key=lambda r: r["seed"])
             acc = [r["test_acc"] for r in rs]
             cells[cell] = {
                 "test_acc": float(np.mean(acc)),
@@ -452,6 +451,16 @@ def _load_run(run_dir: Path) -> tuple[list[dict], dict]:
     return rows, json.loads((run_dir / "summary.json").read_text())["meta"]
 
 
+_INVOCATION = (
+    "models",
+    "seeds",
+    "wall_seconds_this_run",
+    "jobs_run",
+    "workers",
+    "threads_per_worker",
+)
+
+
 def merge(out_dir: str | Path, sources: list[str | Path], plots: bool = True) -> dict:
     """Combine the rows of several ``bench recall`` folders of the same grid (seeds or models
     trained in separate invocations, on one machine or several) into ``out_dir`` and regenerate
@@ -485,19 +494,16 @@ def merge(out_dir: str | Path, sources: list[str | Path], plots: bool = True) ->
         "models": list(dict.fromkeys(m for x in metas for m in x["models"])),
         "seeds": sorted({s for x in metas for s in x["seeds"]}),
         "env": metas[0]["env"],
-        "merged_from": [
-            {
-                "folder": str(src),
-                **{k: m.get(k) for k in ("models", "seeds", "wall_seconds_this_run", "jobs_run")},
-                **{k: m.get(k) for k in ("workers", "threads_per_worker")},
-                "env": m["env"],
-            }
+        "merged_from": [  # one entry per invocation (a merged source brings its own list)
+            e
             for src, _, m in loaded
+            for e in m.get("merged_from")
+            or [{"folder": str(src), **{k: m.get(k) for k in _INVOCATION}, "env": m["env"]}]
         ],
     }
     for key in ("workers", "threads_per_worker"):
-        if len({m.get(key) for m in metas}) == 1:
-            meta[key] = metas[0].get(key)
+        if len({e.get(key) for e in meta["merged_from"]}) == 1:
+            meta[key] = meta["merged_from"][0].get(key)
     return write_outputs(out_dir, rows, meta, plots=plots)
 
 
