@@ -48,6 +48,7 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
     "main-job": ("demo", "results.jsonl", _recall),
     "zoology-cpu": ("zoology-cpu", "results.jsonl", _recall),
     "text-niah": ("text-niah", "results.jsonl", _recall),
+    "text-niah-mk4": ("text-niah-mk4", "results.jsonl", _recall),
     "zoology-cpu-attention": ("zoology-cpu-attention", "results.jsonl", _recall),
     "train-speed": ("train-speed", "train_speed.json", "kvfree.bench.train_speed:render"),
     "kernels": ("kernels", "kernels.json", "kvfree.bench.kernels:kernels_markdown"),
