@@ -189,6 +189,10 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     assert again["meta"]["seeds"] == [0, 1, 3] and len(again["meta"]["merged_from"]) == 3
     assert "Merged from 3 invocations" in again["markdown"]
 
+    with pytest.raises(FileExistsError, match="not among the sources"):
+        merge(d, [a, b])  # d's own results would be overwritten
+    assert len((d / "results.jsonl").read_text().splitlines()) == 2
+
     out = CliRunner().invoke(_app(), ["report", "recall-merge", str(tmp_path / "m"), str(a)])
     assert out.exit_code != 0 and not (tmp_path / "m").exists()
 

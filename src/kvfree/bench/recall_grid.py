@@ -240,10 +240,9 @@ def _zoology_cpu() -> RecallGrid:
     )
 
 
-#: Needles in real text (docs/tasks.md §4.4): test lengths (1×–16× the training length) and
-#: depths of the queried needle.
-#: trained at the first length, tested at 1×–16× of it; four keyed needles and the question take
-#: 250 bytes (one needle: 103), so the four-needle grid starts at 512 bytes
+#: Needles in real text (docs/tasks.md §4.4), per needle count: test lengths (trained at the
+#: first, tested at 1×–16× of it) and depths of the queried needle. Four keyed needles and the
+#: question take 250 bytes (one needle: 103), so the four-needle grid starts at 512 bytes.
 TEXT_NIAH_LENGTHS = {1: (256, 512, 1024, 2048, 4096), 4: (512, 1024, 2048, 4096, 8192)}
 TEXT_NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -469,6 +469,13 @@ def merge(out_dir: str | Path, sources: list[str | Path], plots: bool = True) ->
     written."""
     if len(sources) < 2:
         raise ValueError("give at least two run folders to merge")
+    if (Path(out_dir) / "results.jsonl").exists() and Path(out_dir).resolve() not in {
+        Path(s).resolve() for s in sources
+    }:
+        raise FileExistsError(
+            f"{out_dir} already holds results that are not among the sources: name it as a "
+            "source to merge into it, or choose another folder"
+        )
     loaded = [(Path(s), *_load_run(Path(s))) for s in sources]
     grid = loaded[0][2]["grid"]
     owner: dict[tuple, Path] = {}

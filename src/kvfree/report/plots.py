@@ -113,7 +113,7 @@ def _kilo_formatter():
 
 
 def _kilo(v: float) -> str:
-    """Tick label: 512, 4.1k, 66k, 131k, 1.0M."""
+    """Tick label: 512, 4.1k, 66k, 131k, 2M."""
     if v >= 1e6:
         return f"{v / 1e6:.2g}M"
     if v >= 1e5:
