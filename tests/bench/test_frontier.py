@@ -93,3 +93,23 @@ def test_every_family_can_be_named_in_families():
         for name in names:
             fams, post = families(preset, [name])
             assert list(fams) + list(post) == [name]
+
+
+def test_frontier_on_the_zoology_slice(tmp_path):
+    """The zoology-style slice (``--grid zoology-cpu``): its floor is N·log₂(V/2) of the largest
+    cell, and the post-training variants evaluate through decode, which reproduces the trained
+    model's parallel accuracy (mqar's prefix mask ends at the first query)."""
+    base = "recall-attention[attention.num_kv_heads=1]"
+    fams = {"attention (KV cache)": [base]}
+    int8 = "recall-attention[attention.num_kv_heads=1,attention.kv_bits=8]"
+    post = {"decode check": [(base, base, "decode")], "int8 KV": [(base, int8, "int8")]}
+    cells = [{"input_seq_len": 32, "num_kv_pairs": 4}, {"input_seq_len": 64, "num_kv_pairs": 8}]
+    opts = {"vocab_size": 256, "random_non_queries": True}
+    g = grid("zoology-cpu", steps=2, eval_every=0, n_test=4, n_val=4, patience=0, cells=cells,
+             train_cells=cells[:1], options=opts)  # fmt: skip
+    run(g, F.models_to_train(fams, post), [0], tmp_path, device="cpu", progress=False, plots=False)
+    res = F.write(tmp_path, fams, post)
+    assert res["floor_bytes"] == pytest.approx(8 * 7 / 8)  # 8 pairs · log2(128 values) bits
+    pts = {p["model"]: p for p in res["points"]}
+    assert pts["decode"]["accuracy"] == pytest.approx(pts[base]["accuracy"], abs=1e-9)
+    assert pts["int8"]["state_bytes"] < pts["decode"]["state_bytes"] < pts[base]["state_bytes"]

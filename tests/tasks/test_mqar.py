@@ -19,9 +19,12 @@ def test_worked_example():
     cfg = Config(
         num_examples=1, input_seq_len=16, num_kv_pairs=2, vocab_size=32, random_non_queries=False
     )
-    inputs, labels = _assemble(cfg, np.array([[2, 7]]), np.array([[20, 28]]), np.array([[2, 5]]))
+    inputs, labels, prefix = _assemble(
+        cfg, np.array([[2, 7]]), np.array([[20, 28]]), np.array([[2, 5]])
+    )
     assert inputs[0].tolist() == [2, 20, 7, 28, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 7, 0]
     assert {i: v for i, v in enumerate(labels[0]) if v != IGNORE} == {8: 20, 14: 28}
+    assert prefix[0].tolist() == [1] * 8 + [0] * 8  # up to the first query key (index 8)
 
 
 @pytest.mark.parametrize("mode", ["fast", "zoology_compatible"])
@@ -58,6 +61,9 @@ def test_semantics(mode, L, K, P):
     region = d.inputs[:, ctx:].copy()
     np.put_along_axis(region, pos - ctx, 0, 1)
     assert (region == 0).all()
+    # the prefix mask covers every position before the first query key and nothing after
+    assert (d.masks["prefix"].sum(1) == pos.min(1)).all()
+    assert (d.masks["prefix"] == (np.arange(L) < pos.min(1)[:, None])).all()
 
 
 def test_zoology_compatible_matches_reference_loop():

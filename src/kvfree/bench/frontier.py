@@ -142,14 +142,22 @@ def models_to_train(fams: dict, post: dict) -> list[str]:
     return list(dict.fromkeys(specs))
 
 
-def information_floor_bytes(task: str, cells: list[dict]) -> float | None:
-    """N·log₂V_values bits of the largest cell, in bytes (mqar_gap: 64 values)."""
-    if task != "mqar_gap":
-        return None
-    from kvfree.tasks.mqar_gap import N_VALUES
+def information_floor_bytes(grid: dict) -> float | None:
+    """N·log₂V_values bits of the grid's largest cell, in bytes: the values a memory must hold
+    (mqar_gap: 64 values; zoology's mqar: the V/2 upper tokens of its vocabulary)."""
+    cells = grid["cells"]
+    if grid["task"] == "mqar_gap":
+        from kvfree.tasks.mqar_gap import N_VALUES
 
-    n = max(c["num_kv_pairs"] for c in cells)
-    return n * math.log2(N_VALUES) / 8
+        bits = [c["num_kv_pairs"] * math.log2(N_VALUES) for c in cells]
+    elif grid["task"] == "mqar":
+        from kvfree.tasks.mqar import Config
+
+        v = grid.get("options", {}).get("vocab_size", Config.vocab_size)
+        bits = [c["num_kv_pairs"] * math.log2(c.get("vocab_size", v) // 2) for c in cells]
+    else:
+        return None
+    return max(bits) / 8
 
 
 def points(rows: list[dict], fams: dict[str, list[str]]) -> list[dict]:
@@ -282,7 +290,7 @@ def write(out_dir: str | Path, fams: dict[str, list[str]], post: dict | None = N
         "families": fams,
         "post_training": post or {},
         "points": pts,
-        "floor_bytes": information_floor_bytes(g["task"], g["cells"]),
+        "floor_bytes": information_floor_bytes(g),
         "meta": {"grid": g["name"], "seeds": meta["seeds"], "env": meta.get("env", {})},
     }
     write_json(out_dir / "recall_per_byte.json", result)

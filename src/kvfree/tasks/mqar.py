@@ -13,6 +13,8 @@ Layout of one example (before the one-token shift):
     queries  zeros of length L − 2KP + 1, key j at offset 2·gap_j
     labels   value j at index 2KP + 2·gap_j + 1
 then inputs = seq[:−1], labels = labels[1:] — the value is predicted *at the query key*.
+Mask ``prefix``: 1 before the example's first query key (context and leading fillers), as in
+``mqar_gap``; the decode evaluations prefill it (``bench frontier``'s post-training caches).
 With ``random_non_queries`` every remaining 0 becomes a uniform draw from [0, V) (fillers can
 equal context keys: unscored "fake queries").
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvfree.tasks.base import IGNORE, check_seed, distinct_draws, finish, make_rng
+from kvfree.tasks.suite import prefix_before
 
 
 @dataclass
@@ -83,7 +86,8 @@ def _assemble(cfg: Config, keys, values, gaps):
     seq = np.concatenate([np.tile(kvs, (1, P)), queries], axis=1)  # [N, L + 1]
     labels = np.full((n, L + 1), IGNORE, np.int64)
     np.put_along_axis(labels, ctx + 2 * gaps + 1, values, axis=1)
-    return seq[:, :-1].copy(), labels[:, 1:].copy()
+    prefix = prefix_before(ctx + 2 * gaps.min(1), L)
+    return seq[:, :-1].copy(), labels[:, 1:].copy(), prefix
 
 
 def _zoology_draws(cfg: Config, seed: int):
@@ -120,7 +124,7 @@ def generate(cfg: Config, seed: int):
         keys = distinct_draws(rng, n, K, 1, V // 2)
         values = distinct_draws(rng, n, K, V // 2, V)
         gaps = gumbel_top_k(rng, np.log(power_law_weights(space, cfg.power_a)), n, K)
-    inputs, labels = _assemble(cfg, keys, values, gaps)
+    inputs, labels, prefix = _assemble(cfg, keys, values, gaps)
     if cfg.random_non_queries:
         empty = inputs == 0
         if cfg.mode == "zoology_compatible":
@@ -132,7 +136,7 @@ def generate(cfg: Config, seed: int):
             fill = rng.integers(0, V, inputs.shape)
         inputs[empty] = fill[empty]
     slices = {"input_seq_len": cfg.input_seq_len, "num_kv_pairs": K, "num_passes": cfg.num_passes}
-    return finish("mqar", cfg, seed, inputs, labels, slices, vocab_size=V)
+    return finish("mqar", cfg, seed, inputs, labels, slices, {"prefix": prefix}, vocab_size=V)
 
 
 # ----------------------------------------------------------------------------- standard grids
