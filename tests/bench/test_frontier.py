@@ -74,6 +74,16 @@ def test_frontier_points_table_and_plot(tmp_path, monkeypatch):
     assert len(list((tmp_path / "post").glob("*.json"))) == 6
 
 
+def test_a_point_is_the_model_at_its_lr_chosen_by_validation():
+    def row(lr, val, test):
+        return {"model": "m", "seed": 0, "lr": lr, "val_acc": val, "test_acc": test,
+                "seq_len": 8, "state_bytes": 64, "params": 1}  # fmt: skip
+
+    rows = [row(1e-3, 0.9, 0.2), row(1e-2, 0.5, 0.99)]  # the test accuracy never selects
+    (p,) = F.points(F.at_selected_lr(rows), {"f": ["m"]})
+    assert p["accuracy"] == 0.2 and p["seeds"] == 1
+
+
 def test_unknown_preset_or_family():
     with pytest.raises(ValueError, match="preset"):
         F.families("huge")
@@ -113,3 +123,16 @@ def test_frontier_on_the_zoology_slice(tmp_path):
     pts = {p["model"]: p for p in res["points"]}
     assert pts["decode"]["accuracy"] == pytest.approx(pts[base]["accuracy"], abs=1e-9)
     assert pts["int8"]["state_bytes"] < pts["decode"]["state_bytes"] < pts[base]["state_bytes"]
+
+    from typer.testing import CliRunner
+
+    import kvfree.commands  # noqa: F401
+    from kvfree.cli import app
+
+    readme = tmp_path / "README.md"  # its own README section, next to the main grid's
+    readme.write_text("<!-- BEGIN frontier -->\nmain grid\n<!-- END frontier -->\n")
+    args = ["report", "frontier", str(tmp_path), "--readme", str(readme)]
+    out = CliRunner().invoke(app, [*args, "--section", "frontier-zoology"])
+    assert out.exit_code == 0, out.output
+    text = readme.read_text()
+    assert "main grid" in text and f"-->\n{res['markdown']}\n<!-- END frontier-zoology" in text

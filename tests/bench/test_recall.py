@@ -49,6 +49,12 @@ def test_plan_and_job_ids():
     assert len({j.id for j in per}) == 2
 
 
+def test_fingerprint_follows_what_a_run_trains_on_not_the_lr_lists():
+    fp = tiny().fingerprint()  # a run's LR is in its id: a wider sweep reuses trained runs
+    assert tiny(lrs=[1e-3, 3e-3], model_lrs={"b": [5e-4]}, note="x").fingerprint() == fp
+    assert tiny(steps=4).fingerprint() != fp and tiny(batch_size=8).fingerprint() != fp
+
+
 def test_batches_are_pure_round_robin_and_seeded_in_range():
     g = tiny()
     job = R.plan(g, ["m"], [3])[0]
@@ -158,6 +164,10 @@ def test_main_job_presets_and_oracle_mask():
         256,
     }
     assert g.lrs_for("recall-attention") == [1e-3] and g.lrs_for("recall-gdn") == [3e-3]
+    z = grid("zoology-cpu")  # softmax attention learns this slice at 1e-2 only (README)
+    assert z.lrs_for("recall-attention[attention.window=16]") == [1e-2]
+    assert z.lrs_for("recall-mla[mla.latent_dim=8]") == [3e-3, 1e-2]
+    assert z.lrs_for("recall-gdn") == [3e-3]
 
 
 def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
@@ -173,6 +183,15 @@ def test_merge_combines_seeds_and_refuses_overlaps(tmp_path):
     with pytest.raises(ValueError, match="another grid"):
         merge(a, [a, c])
     assert (a / "results.jsonl").read_text() == before  # a refused merge writes nothing
+
+    def broken(*_):
+        raise RuntimeError("rendering failed")
+
+    with pytest.MonkeyPatch.context() as mp:  # a failure while rendering replaces no file
+        mp.setattr("kvfree.bench.recall_report.markdown", broken)
+        with pytest.raises(RuntimeError, match="rendering failed"):
+            merge(a, [a, b], plots=False)
+    assert (a / "results.jsonl").read_text() == before
 
     res = merge(a, [a, b], plots=False)
     rows = [json.loads(x) for x in (a / "results.jsonl").read_text().splitlines()]

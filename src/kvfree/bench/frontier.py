@@ -160,6 +160,15 @@ def information_floor_bytes(grid: dict) -> float | None:
     return max(bits) / 8
 
 
+def at_selected_lr(rows: list[dict]) -> list[dict]:
+    """The rows of each model at its LR chosen by validation accuracy (as ``bench recall``'s
+    tables), so that a grid sweeping LRs gives one point per model, not a mean over LRs."""
+    from kvfree.bench.recall_report import best_lrs
+
+    lr = best_lrs(rows)
+    return [r for r in rows if r["lr"] == lr[r["model"]]]
+
+
 def points(rows: list[dict], fams: dict[str, list[str]]) -> list[dict]:
     """One point per model spec: bytes at the longest cell, mean test accuracy over cells
     (per seed), mean / min / max over seeds."""
@@ -281,7 +290,7 @@ def write(out_dir: str | Path, fams: dict[str, list[str]], post: dict | None = N
     from kvfree.report.tables import atomic_write, write_json
 
     out_dir = Path(out_dir)
-    rows = rows_of(out_dir)
+    rows = at_selected_lr(rows_of(out_dir))
     meta = json.loads((out_dir / "summary.json").read_text())["meta"]
     g = meta["grid"]
     pts = points(rows, fams) + post_training_points(out_dir, g, rows, post or {})

@@ -306,10 +306,10 @@ def markdown(summary: dict, meta: dict) -> str:
 
 def write_outputs(out_dir: str | Path, rows: list[dict], meta: dict, plots: bool = True) -> dict:
     out_dir = Path(out_dir)
-    atomic_write(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    summary = summarise(rows)
-    write_json(out_dir / "summary.json", {"meta": meta, "models": summary})
+    summary = summarise(rows)  # everything is computed before the first file is replaced
     md = markdown(summary, meta)
+    atomic_write(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_json(out_dir / "summary.json", {"meta": meta, "models": summary})
     atomic_write(out_dir / "recall.md", md)
     files = [out_dir / "results.jsonl", out_dir / "summary.json", out_dir / "recall.md"]
     if plots:

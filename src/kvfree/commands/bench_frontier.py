@@ -19,7 +19,10 @@ def bench_frontier(
     workers: int = typer.Option(2, min=1, help="Parallel worker processes."),
     threads: int = typer.Option(None, min=1, help="Torch threads per worker (default: split)."),
     list_: bool = typer.Option(False, "--list", help="List the families and their models."),
-    readme: str = typer.Option(None, help="Also write section 'frontier' of this README."),
+    readme: str = typer.Option(None, help="Also write the table into this README."),
+    section: str = typer.Option(
+        "frontier", help="README section name (e.g. frontier-zoology for --grid zoology-cpu)."
+    ),
 ) -> None:
     """Train every family's models on one recall grid (same cap, same stopping rule) and plot
     accuracy against decode-state bytes; the smallest state per family reaching 0.9 / 0.99."""
@@ -47,14 +50,15 @@ def bench_frontier(
     if readme:
         from kvfree.report.tables import update_readme_section
 
-        update_readme_section(readme, "frontier", res["markdown"])
-        print(f"updated section 'frontier' of {readme}")
+        update_readme_section(readme, section, res["markdown"])
+        print(f"updated section {section!r} of {readme}")
 
 
 @report_app.command("frontier")
 def report_frontier(
     run_dir: str = typer.Argument("results/frontier", help="A bench frontier output folder."),
     readme: str = typer.Option(None, help="Write the table into this README."),
+    section: str = typer.Option("frontier", help="README section name."),
 ) -> None:
     """Regenerate recall_per_byte.md and .png from RUN_DIR/recall_per_byte.json."""
     from pathlib import Path
@@ -69,4 +73,4 @@ def report_frontier(
         F.plot(result, Path(run_dir) / "recall_per_byte.png")
         return md
 
-    _from_json(run_dir, "recall_per_byte.json", "bench frontier", render, "frontier", readme)
+    _from_json(run_dir, "recall_per_byte.json", "bench frontier", render, section, readme)

@@ -42,6 +42,8 @@ def _decode(folder: Path) -> str:
     return readme_section(results)
 
 
+_FRONTIER = "kvfree.bench.frontier:markdown"
+
 #: README section -> (folder under results/, the file that must exist, markdown from the folder:
 #: a function of the folder, or "module:function" of that file's JSON record)
 _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
@@ -63,7 +65,8 @@ _TABLE: dict[str, tuple[str, str, Callable[[Path], str] | str]] = {
         "prefill_speed.json",
         "kvfree.bench.prefill_speed:render",
     ),
-    "frontier": ("frontier", "recall_per_byte.json", "kvfree.bench.frontier:markdown"),
+    "frontier": ("frontier", "recall_per_byte.json", _FRONTIER),
+    "frontier-zoology": ("frontier-zoology", "recall_per_byte.json", _FRONTIER),
     "frontier-cap3600": ("frontier-cap3600", "results.jsonl", _recall),
     "echo-table2": ("echo-suite", "echo_table2.json", "kvfree.bench.echo_report:markdown"),
     "echo-table3": ("echo-suite", "echo_table3.json", "kvfree.bench.echo_report:markdown"),
